@@ -1,0 +1,73 @@
+"""Shared fixtures: small synthetic stand-ins built once per test run, and a helper to run the scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(
+    script: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """Run `python <script> <args>` from `cwd` as the README does; fail the test with its output if it fails."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{script} {' '.join(args)} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def load_step_module(step: str, name: str):
+    """Import step_N/<name>.py as a module (the step folders are not packages)."""
+    spec = importlib.util.spec_from_file_location(f"{step}_{name}", REPO / step / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickle look the module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def make_standin(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Build a synthetic stand-in with `download_data.py --synthetic` once per (n_images, seed); return its data dir.
+
+    The returned folder is shared between tests: treat it as read-only (copy it to change it).
+    """
+    built: dict[tuple[int, int], Path] = {}
+
+    def build(n_images: int = 240, seed: int = 0) -> Path:
+        key = (n_images, seed)
+        if key not in built:
+            data_dir = tmp_path_factory.mktemp(f"standin_{n_images}_{seed}") / "oxfordiii"
+            run_script(
+                "step_1/download_data.py",
+                "--synthetic",
+                "--n-images",
+                str(n_images),
+                "--seed",
+                str(seed),
+                "--data-dir",
+                str(data_dir),
+                cwd=REPO,
+            )
+            built[key] = data_dir
+        return built[key]
+
+    return build

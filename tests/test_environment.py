@@ -1,0 +1,71 @@
+"""The environment files agree: exact pins, the lock holds them all, conda installs it, scripts import only pins."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)(\s*;.*)?$")
+
+
+def pins(path: Path) -> dict[str, str]:
+    """Package name (normalised) → exact version of every requirement line in a pip requirements file."""
+    result = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        match = PIN.match(line)
+        assert match, f"{path.name}: '{line}' is not an exact pin (name==version)"
+        result[re.sub(r"[-_.]+", "-", match[1]).lower()] = match[2]
+    return result
+
+
+def test_every_top_level_pin_is_in_the_lock_with_the_same_version():
+    lock = pins(REPO / "requirements.lock")
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for package, version in pins(REPO / name).items():
+            assert lock.get(package) == version, f"{name} pins {package}=={version}, the lock has {lock.get(package)}"
+
+
+def test_the_lock_matches_this_environment():
+    """The suite runs in the locked environment, so a stale lock shows up here."""
+    from importlib.metadata import version
+
+    lock = pins(REPO / "requirements.lock")
+    for package in ("torch", "torchvision", "mlflow", "optuna", "numpy", "scikit-learn"):
+        assert version(package) == lock[package], f"installed {package} {version(package)} != lock {lock[package]}"
+
+
+def test_conda_environment_installs_the_lock_with_python_3_11():
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    assert env["name"] == "reproai"
+    assert "python=3.11" in env["dependencies"]
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert pip_section == ["-r requirements.lock"]
+    assert "Python 3.11" in (REPO / "requirements.lock").read_text().splitlines()[0]
+
+
+def test_scripts_import_only_pinned_packages():
+    pinned = set(pins(REPO / "requirements.txt"))
+    distributions = packages_distributions()
+    for script in sorted(REPO.glob("step_*/*.py")):
+        tree = ast.parse(script.read_text())
+        modules = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        modules |= {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+        }
+        local = {p.stem for p in script.parent.glob("*.py")}
+        for module in sorted(modules - set(sys.stdlib_module_names) - local):
+            dists = {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(module, [])}
+            assert dists & pinned, f"{script.relative_to(REPO)} imports {module}, which requirements.txt does not pin"

@@ -1,0 +1,252 @@
+"""Step 2: every run recorded in MLflow with its provenance, bit-for-bit reruns, clean stops, tracking server."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, load_step_module, run_script
+
+N_SMALL = 240
+provenance = load_step_module("step_2", "provenance")
+
+
+def client_for(cwd: Path) -> mlflow.MlflowClient:
+    """A client on the default store that the scripts create in their working directory."""
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+
+
+def root_run_id(stdout: str) -> str:
+    """The root run id that train.py prints at the end."""
+    return next(line.split()[-1] for line in stdout.splitlines() if line.startswith("Root run:"))
+
+
+def run_outputs(client: mlflow.MlflowClient, run_id: str, tmp: Path) -> dict:
+    """What a user compares between runs: metrics, prediction tables and weights, read back through MLflow."""
+    folder = Path(client.download_artifacts(run_id, "", str(tmp / run_id)))
+    return {
+        "metrics": {k: v for k, v in client.get_run(run_id).data.metrics.items() if not k.startswith("analysis_")},
+        "tables": {n: pd.read_csv(folder / "predictions" / f"{n}_predictions.csv") for n in ("dev", "test")},
+        "state": torch.load(folder / "model" / "state_dict.pt", weights_only=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(make_standin, tmp_path_factory) -> dict:
+    """Three quick runs in one store: seed 0 with 0 workers, seed 0 with 2 workers, seed 1; then analyze."""
+    data_dir, cwd = make_standin(N_SMALL), tmp_path_factory.mktemp("step2")
+    ids = {}
+    for name, seed, workers in (("a", "0", "0"), ("b", "0", "2"), ("c", "1", "0")):
+        proc = run_script(
+            "step_2/train.py", "--quick", "--data-dir", str(data_dir), "--seed", seed, "--num-workers", workers, cwd=cwd
+        )
+        ids[name] = root_run_id(proc.stdout)
+        ids[f"{name}_stdout"] = proc.stdout
+    analyzed = run_script("step_2/analyze_predictions.py", "--run-id", ids["a"], cwd=cwd)
+    return {"cwd": cwd, "ids": ids, "analyze": analyzed, "client": client_for(cwd)}
+
+
+def test_run_tree_params_metrics_artifacts_and_tags(runs):
+    client, root_id = runs["client"], runs["ids"]["a"]
+    root = client.get_run(root_id)
+    assert root.info.status == "FINISHED" and root.data.tags["run_level"] == "root"
+    assert root.data.tags["run_complete"] == "true"
+    children = client.search_runs([root.info.experiment_id], f"tags.mlflow.parentRunId = '{root_id}'")
+    assert sorted(c.data.tags["phase"] for c in children) == ["finetune", "warmup"]
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["run_level"] == "phase"
+        assert {"train_loss", "dev_loss", "dev_roc_auc"} <= set(child.data.metrics)
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        assert len(history) > 5 and [m.step for m in history] == list(range(len(history)))
+    params = root.data.params
+    for key in ("seed", "device", "quick", "num_threads", "backbone", "finetune_lr", "n_train", "n_dev", "n_test"):
+        assert key in params, key
+    assert params["seed"] == "0" and params["quick"] == "True" and params["num_threads"] == str(os.cpu_count())
+    assert int(params["n_train"]) + int(params["n_dev"]) + int(params["n_test"]) == N_SMALL - 1  # one truncated
+    assert {"dev_roc_auc", "test_roc_auc", "threshold"} <= set(root.data.metrics)
+    artifacts = {
+        a.path for folder in ("predictions", "model", "provenance") for a in client.list_artifacts(root_id, folder)
+    }
+    assert {
+        "predictions/dev_predictions.csv",
+        "predictions/test_predictions.csv",
+        "model/state_dict.pt",
+        "provenance/installed_distributions.txt",
+    } <= artifacts
+    tags = root.data.tags
+    assert tags["dataset_synthetic"] == "true" and len(tags["dataset_digest"]) == 64
+    assert tags["env.torch"] == torch.__version__ and tags["env.torch_threads"] == str(os.cpu_count())
+    assert "step_2/train.py --quick" in tags["command"]
+    inputs = root.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.digest == tags["dataset_digest"][:32]
+
+
+def test_printout_names_store_run_and_ui(runs):
+    out = runs["ids"]["a_stdout"]
+    assert f"Root run: {runs['ids']['a']}" in out and "Tracking URI: sqlite:///" in out and "mlflow ui" in out
+    assert "SYNTHETIC STAND-IN" in out
+
+
+def test_same_seed_is_bit_identical_whatever_the_worker_count(runs, tmp_path):
+    a = run_outputs(runs["client"], runs["ids"]["a"], tmp_path)
+    b = run_outputs(runs["client"], runs["ids"]["b"], tmp_path)
+    assert a["metrics"] == b["metrics"]
+    for name in ("dev", "test"):
+        pd.testing.assert_frame_equal(a["tables"][name], b["tables"][name], check_exact=True)
+    assert a["state"].keys() == b["state"].keys()
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    params = [runs["client"].get_run(runs["ids"][n]).data.params["num_workers"] for n in "ab"]
+    assert params == ["0", "2"]
+
+
+def test_another_seed_gives_other_results(runs, tmp_path):
+    a = run_outputs(runs["client"], runs["ids"]["a"], tmp_path)
+    c = run_outputs(runs["client"], runs["ids"]["c"], tmp_path)
+    assert set(a["tables"]["test"]["file"]) != set(c["tables"]["test"]["file"])
+    assert not torch.equal(a["state"]["head.0.weight"], c["state"]["head.0.weight"])
+
+
+def test_analyze_logs_metrics_and_figures_without_reopening(runs):
+    client, run_id = runs["client"], runs["ids"]["a"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    for name in ("roc_auc", "accuracy", "balanced_accuracy", "f1", "true_cats", "false_cats"):
+        assert f"analysis_test_{name}" in metrics
+    assert metrics["analysis_test_roc_auc"] == pytest.approx(metrics["test_roc_auc"], abs=1e-6)
+    figures = {a.path for a in client.list_artifacts(run_id, "figures")}
+    assert figures == {f"figures/{n}.png" for n in ("roc_curve", "score_distributions", "confusion_matrix")}
+
+
+def test_analyze_defaults_to_latest_finished_run_and_refuses_unknown_ones(runs):
+    latest = run_script("step_2/analyze_predictions.py", cwd=runs["cwd"])
+    assert f"Run {runs['ids']['c']}:" in latest.stdout  # seed 1 ran last
+    proc = run_script("step_2/analyze_predictions.py", "--run-id", "0123abcd", cwd=runs["cwd"], check=False)
+    assert proc.returncode != 0 and "No run with id 0123abcd" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_analyze_without_runs_is_one_clear_sentence(tmp_path):
+    proc = run_script("step_2/analyze_predictions.py", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "No finished step_2 run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def git(*args: str, cwd: Path) -> None:
+    """Run a git command in a throw-away repository."""
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True
+    )
+
+
+def test_git_state_commit_dirty_flag_and_diff(tmp_path):
+    git("init", "-q", cwd=tmp_path)
+    (tmp_path / "train.py").write_text("print('v1')\n")
+    git("add", ".", cwd=tmp_path)
+    git("commit", "-qm", "v1", cwd=tmp_path)
+    clean = provenance.git_state(tmp_path)
+    assert len(clean["commit"]) == 40 and clean["dirty"] == "false" and clean["diff"] == ""
+    (tmp_path / "train.py").write_text("print('v2')\n")
+    dirty = provenance.git_state(tmp_path)
+    assert dirty["commit"] == clean["commit"] and dirty["dirty"] == "true"
+    assert "-print('v1')" in dirty["diff"] and "+print('v2')" in dirty["diff"]
+
+
+def test_provenance_outside_a_git_checkout(make_standin, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert provenance.git_state(tmp_path)["commit"].startswith("unknown")
+    folder = make_standin(N_SMALL) / "oxford-iiit-pet"
+    images = sorted((folder / "images").glob("*.jpg"))[:5]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            digest = provenance.log_provenance(tmp_path, torch.device("cpu"), folder, images, True)
+        tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert tags["git_commit"].startswith("unknown") and tags["git_dirty"] == "unknown"
+    assert digest == tags["dataset_digest"] != provenance.dataset_digest(folder, images[:4])
+
+
+def test_sigterm_to_the_process_group_ends_every_run_killed(make_standin, tmp_path):
+    """As `timeout`, SLURM or Ctrl-C do: signal the whole group while DataLoader workers are running."""
+    args = ["--quick", "--data-dir", str(make_standin(N_SMALL)), "--num-workers", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "step_2/train.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so killpg reaches it and its workers only
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    output = io.StringIO()
+    for line in proc.stdout:
+        output.write(line)
+        if line.startswith("MLflow run started"):
+            break
+    time.sleep(3)  # into the training loop
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        output.write(proc.communicate(timeout=60)[0])
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("train.py did not exit within 60 s of SIGTERM")
+    assert proc.returncode != 0
+    assert "marked KILLED" in output.getvalue() and "Traceback" not in output.getvalue()
+    client = client_for(tmp_path)
+    all_runs = client.search_runs([client.get_experiment_by_name("step_2").experiment_id])
+    assert all_runs and {r.info.status for r in all_runs} == {"KILLED"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_logs_to_a_real_tracking_server(make_standin, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server_artifacts"), "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not answer within 60 s")
+        proc = run_script(
+            "step_2/train.py", "--quick", "--data-dir", str(make_standin(N_SMALL)), "--num-workers", "0",
+            cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri},
+        )  # fmt: skip
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        root = client.get_run(root_run_id(proc.stdout))
+        assert root.info.status == "FINISHED" and root.data.tags["run_level"] == "root"
+        children = client.search_runs([root.info.experiment_id], f"tags.mlflow.parentRunId = '{root.info.run_id}'")
+        assert {c.data.tags["phase"] for c in children} == {"warmup", "finetune"}
+        assert {a.path for a in client.list_artifacts(root.info.run_id, "model")} == {"model/state_dict.pt"}
+        assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
+        assert np.isfinite(root.data.metrics["test_roc_auc"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -1,0 +1,120 @@
+"""Provenance for step 2: what a run needs on record so that someone else can redo it and trust it.
+
+The code (git commit, dirty flag, uncommitted diff), the command line, the software (Python, torch, CUDA,
+every installed distribution), the hardware (device, CPU model, threads) and the data (a SHA-256 digest of the
+image and annotation files actually used). `log_provenance` puts all of it on the active MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import shlex
+import subprocess
+import sys
+from importlib.metadata import distributions
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+import torchvision
+
+DIGEST_PREFIX = 32  # mlflow.log_input keeps at most 36 characters of a digest; the full one goes in a tag
+
+
+def git(*args: str, cwd: Path) -> str | None:
+    """Output of a git command run in cwd, or None outside a checkout (or without git)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout
+
+
+def git_state(code_dir: Path) -> dict[str, str]:
+    """Commit, dirty flag and uncommitted diff (tracked files) of the checkout that holds code_dir."""
+    commit = git("rev-parse", "HEAD", cwd=code_dir)
+    if commit is None:
+        return {"commit": "unknown (not a git checkout)", "dirty": "unknown", "diff": ""}
+    diff = git("diff", "HEAD", "--no-color", cwd=code_dir) or ""
+    untracked = git("ls-files", "--others", "--exclude-standard", cwd=code_dir) or ""
+    return {
+        "commit": commit.strip(),
+        "dirty": str(bool(diff or untracked)).lower(),
+        "diff": diff,
+        "untracked": untracked,
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux: /proc/cpuinfo), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def software_and_hardware(device: torch.device) -> dict[str, str]:
+    """Versions and machine facts that change results bit for bit."""
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "torch_threads": str(torch.get_num_threads()),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def installed_distributions() -> str:
+    """Every installed distribution as `name==version`, one per line (importlib.metadata: no pip needed)."""
+    return "\n".join(sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions()}, key=str.lower)) + "\n"
+
+
+def dataset_digest(folder: Path, image_paths: list[Path]) -> str:
+    """SHA-256 over the names and bytes of the annotation files and of the images used, in a fixed order."""
+    files = sorted((folder / "annotations").glob("*.txt")) + sorted(image_paths)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def log_provenance(
+    code_dir: Path, device: torch.device, folder: Path, image_paths: list[Path], is_standin: bool
+) -> str:
+    """Put code, command, software, hardware and data provenance on the active run; return the data digest."""
+    state = git_state(code_dir)
+    digest = dataset_digest(folder, image_paths)
+    mlflow.set_tags(
+        {
+            "git_commit": state["commit"],
+            "git_dirty": state["dirty"],
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "dataset_digest": digest,
+            "dataset_synthetic": str(is_standin).lower(),
+            **{f"env.{key}": value for key, value in software_and_hardware(device).items()},
+        }
+    )
+    if state["diff"]:
+        mlflow.log_text(state["diff"], "provenance/uncommitted.diff")
+    if state.get("untracked"):
+        mlflow.log_text(state["untracked"], "provenance/untracked_files.txt")
+    mlflow.log_text(installed_distributions(), "provenance/installed_distributions.txt")
+    files = pd.DataFrame({"file": [p.relative_to(folder).as_posix() for p in image_paths]})
+    source = "synthetic stand-in" if is_standin else "Oxford-IIIT Pet"
+    mlflow.log_input(
+        mlflow.data.from_pandas(files, source=folder.resolve().as_uri(), name=source, digest=digest[:DIGEST_PREFIX]),
+        context="training",
+    )
+    return digest

@@ -300,13 +300,13 @@ def train_one_epoch(
     device: torch.device,
     freeze_backbone: bool,
 ) -> float:
-    """One pass over the training images; return the mean loss."""
+    """One pass over the training images; return the mean loss (the batch bar shows only in a terminal)."""
     model.train()
     if freeze_backbone:
         model.backbone.eval()  # frozen means frozen: BatchNorm running statistics must not move either
     loss_fn = nn.BCEWithLogitsLoss()
     total, count = 0.0, 0
-    for images, labels in tqdm(loader, desc="  batches", unit="batch", leave=False):
+    for images, labels in tqdm(loader, desc="  batches", unit="batch", leave=False, disable=None):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(images), labels)

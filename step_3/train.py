@@ -421,7 +421,7 @@ def train_one_epoch(
         model.backbone.eval()  # frozen means frozen: BatchNorm running statistics must not move either
     loss_fn = nn.BCEWithLogitsLoss()
     total, count = 0.0, 0
-    for batch, (images, labels) in enumerate(tqdm(loader, desc="  batches", unit="batch", leave=False)):
+    for batch, (images, labels) in enumerate(tqdm(loader, desc="  batches", unit="batch", leave=False, disable=None)):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(images), labels)

@@ -1,19 +1,32 @@
-"""Step 3: folds from the split file as MLflow runs, one fold alone, kill-and-resume, the dead-pid sweep."""
+"""Step 3: the split file (made, written atomically, validated on load), the folds as MLflow runs, one fold
+alone, kill-and-resume, the dead-pid sweep, and the statistics across folds."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import REPO, load_step_module, run_script
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlflow.entities import Metric, Param
+from scipy import stats
+from sklearn.metrics import roc_auc_score
 
 N_SMALL = 240
 
@@ -169,3 +182,515 @@ def test_missing_split_file_says_how_to_make_it(make_standin, tmp_path):
     args = ["--quick", "--data-dir", str(make_standin(N_SMALL)), "--split-file", str(tmp_path / "none.json")]
     proc = run_script("step_3/train.py", *args, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "make_dataset_splits.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+N_SPLITS = 120  # images in the stand-in; one of them is a planted truncated JPEG
+REMAKE = "regenerate it with python step_3/make_dataset_splits.py"
+
+
+@pytest.fixture(scope="module")
+def step3():
+    """step_3's splits, train and analyze_predictions modules; they import step_3's helpers by plain name."""
+    names = ("provenance", "splits", "train")
+    saved_path, saved = list(sys.path), {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    sys.path.insert(0, str(REPO / "step_3"))
+    try:
+        yield SimpleNamespace(
+            splits=load_step_module("step_3", "splits"),
+            train=load_step_module("step_3", "train"),
+            analysis=load_step_module("step_3", "analyze_predictions"),
+            make=load_step_module("step_3", "make_dataset_splits"),
+        )
+    finally:
+        sys.path[:] = saved_path
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# make_splits: properties over random dataset sizes, class balances and fold counts
+@st.composite
+def datasets(draw) -> dict:
+    """Files, binary labels and fold counts for which every test and dev set can hold each class."""
+    k_root, k_nested = draw(st.integers(2, 6)), draw(st.integers(2, 5))
+    smallest = next(m for m in range(1, 100) if m >= k_root and m - math.ceil(m / k_root) >= k_nested)
+    n_small = draw(st.integers(smallest, smallest + 30))
+    n_large = draw(st.integers(n_small, n_small + 150))
+    n_cats, n_dogs = (n_small, n_large) if draw(st.booleans()) else (n_large, n_small)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    labels = rng.permutation(np.r_[np.ones(n_cats, int), np.zeros(n_dogs, int)])
+    files = [f"images/pet_{i:04d}.jpg" for i in range(len(labels))]
+    return {"files": files, "labels": labels, "k_root": k_root, "k_nested": k_nested, "seed": draw(st.integers(0, 99))}
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=datasets())
+def test_make_splits_always_partitions_stratifies_and_validates(step3, data):
+    splits = step3.splits.make_splits(
+        data["files"], data["labels"], data["k_root"], data["k_nested"], data["seed"], "d" * 64
+    )
+    labels, n = data["labels"], len(data["labels"])
+    step3.splits.check_structure(splits, labels, "x.json")  # SystemExit would fail the test
+    assert json.loads(json.dumps(splits)) == splits  # JSON-able as it is
+    assert splits["files"] == data["files"] and splits["meta"]["n_files"] == n
+    assert splits["meta"]["class_counts"] == {"cat": int(labels.sum()), "dog": int(n - labels.sum())}
+    roots = splits["root_splits"]
+    assert sorted(roots, key=int) == [str(i) for i in range(data["k_root"])]
+    all_tests = sorted(i for split in roots.values() for i in split["test_indices"])
+    assert all_tests == list(range(n))  # every file in exactly one outer test set
+    for split in roots.values():
+        test = split["test_indices"]
+        assert test == sorted(test) and {0, 1} <= set(labels[test])
+        pool = sorted(set(range(n)) - set(test))
+        assert abs(np.sum(labels[test]) - len(test) * labels.mean()) <= 1 + 1e-9  # stratified against all files
+        assert sorted(i for p in split["nested_splits"].values() for i in p["dev_indices"]) == pool
+        assert len(split["nested_splits"]) == data["k_nested"]
+        for parts in split["nested_splits"].values():
+            train, dev = parts["train_indices"], parts["dev_indices"]
+            assert sorted(train + dev + test) == list(range(n)) and not set(train) & set(dev)
+            assert {0, 1} <= set(labels[dev])
+            for part in (train, dev):  # stratified against the outer fold's pool
+                assert abs(np.sum(labels[part]) - len(part) * labels[pool].mean()) <= 1 + 1e-9
+    again = step3.splits.make_splits(
+        list(data["files"]), labels.copy(), data["k_root"], data["k_nested"], data["seed"], "d" * 64
+    )
+    assert again == splits
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=datasets(), which=st.sampled_from(["leak", "drop"]))
+def test_check_structure_catches_a_damaged_fold(step3, data, which):
+    splits = step3.splits.make_splits(
+        data["files"], data["labels"], data["k_root"], data["k_nested"], data["seed"], "d" * 64
+    )
+    parts = splits["root_splits"]["1"]["nested_splits"]["0"]
+    if which == "leak":  # a test image also in training
+        parts["train_indices"] = sorted([*parts["train_indices"], splits["root_splits"]["1"]["test_indices"][0]])
+        expected = "root split 1, nested split 0: train and test share 1 index"
+    else:  # an image in no part of the fold
+        parts["dev_indices"] = parts["dev_indices"][1:]
+        expected = "root split 1, nested split 0: 1 files are in no part"
+    with pytest.raises(SystemExit, match=expected):
+        step3.splits.check_structure(splits, data["labels"], "x.json")
+
+
+def test_make_splits_refuses_too_many_folds_for_a_class(step3):
+    labels = np.r_[np.ones(4, int), np.zeros(40, int)]
+    files = [f"images/p{i:02d}.jpg" for i in range(44)]
+    with pytest.raises(SystemExit, match=r"Only 4 cat image\(s\): too few for 5 outer x 2 nested folds"):
+        step3.splits.make_splits(files, labels, 5, 2, 0, "d")
+    with pytest.raises(SystemExit, match="at least 2 folds"):
+        step3.splits.make_splits(files, labels, 1, 2, 0, "d")
+    assert step3.splits.make_splits(files, labels, 2, 2, 0, "d")["meta"]["k_root"] == 2  # 4 cats: 2 x 2 works
+
+
+def test_check_structure_refuses_a_fold_that_is_not_stratified(step3):
+    labels = np.r_[np.ones(30, int), np.zeros(60, int)]
+    files = [f"images/p{i:02d}.jpg" for i in range(90)]
+    splits = step3.splits.make_splits(files, labels, 3, 2, 0, "d")
+    step3.splits.check_structure(splits, labels, "x.json")
+    test = splits["root_splits"]["0"]["test_indices"]
+    skewed = np.zeros(90, int)
+    skewed[test[:25] + [i for i in range(90) if i not in test][:5]] = 1  # still 30 cats, but 25 in one test set
+    with pytest.raises(SystemExit, match=r"x.json: root split 0, nested split 0: test holds 5 dog images where "):
+        step3.splits.check_structure(splits, skewed, "x.json")
+
+
+def test_check_structure_wants_each_class_in_every_test_and_dev_set(step3):
+    labels = np.array([1, 1, 0, 0, 0, 1, 1, 0, 0, 0])  # two cats in each half
+
+    def fold(test: list[int], dev_sets: list[list[int]]) -> dict:
+        pool = sorted(set(range(10)) - set(test))
+        nested = {
+            str(i): {"dev_indices": d, "train_indices": sorted(set(pool) - set(d))} for i, d in enumerate(dev_sets)
+        }
+        return {"test_indices": test, "nested_splits": nested}
+
+    meta = {"format_version": 1, "dataset_digest": "d", "k_root": 2, "k_nested": 2}
+    files = [f"images/p{i}.jpg" for i in range(10)]
+    good = {"0": fold([0, 1, 2, 3, 4], [[5, 7], [6, 8]]), "1": fold([5, 6, 7, 8, 9], [[0, 2], [1, 3]])}
+    step3.splits.check_structure({"meta": meta, "files": files, "root_splits": good}, labels, "x.json")
+    # the dev set [7, 8] holds no cat: within 1 of its share (2 x 2/5 = 0.8), but its ROC AUC is undefined
+    bad = {**good, "0": fold([0, 1, 2, 3, 4], [[7, 8], [5, 6]])}
+    with pytest.raises(SystemExit, match=r"root split 0, nested split 0: dev holds 0 cat images where .* needs 0.8"):
+        step3.splits.check_structure({"meta": meta, "files": files, "root_splits": bad}, labels, "x.json")
+
+
+def test_write_splits_is_deterministic_and_atomic(step3, tmp_path, monkeypatch):
+    labels = np.r_[np.ones(12, int), np.zeros(20, int)]
+    splits = step3.splits.make_splits([f"images/p{i:02d}.jpg" for i in range(32)], labels, 3, 2, 7, "d")
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    step3.splits.write_splits(splits, first)
+    step3.splits.write_splits(dict(reversed(json.loads(first.read_text()).items())), second)  # keys reordered
+    assert first.read_bytes() == second.read_bytes() and first.read_bytes().endswith(b"}\n")
+    assert json.loads(first.read_text()) == splits
+    assert (first.stat().st_mode & 0o777) == 0o644
+
+    def broken_replace(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    other = step3.splits.make_splits(splits["files"], labels, 2, 2, 8, "d")
+    with pytest.raises(OSError, match="disk full"):
+        step3.splits.write_splits(other, first)
+    assert json.loads(first.read_text()) == splits  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------------------------------------
+# load_splits on a real (small) stand-in: a valid file, and hand-made broken ones
+@pytest.fixture(scope="module")
+def standin_split(step3, make_standin, tmp_path_factory) -> dict:
+    """A valid 3 x 3 split file of the 120-image stand-in, made in-process, and the labels train.py would read."""
+    folder = make_standin(N_SPLITS) / "oxford-iiit-pet"
+    paths, labels = step3.train.read_annotations(folder)
+    paths, labels = step3.train.drop_undecodable(paths, labels, step3.train.QUICK.image_size)
+    by_file = {p.relative_to(folder).as_posix(): int(y) for p, y in zip(paths, labels, strict=True)}
+    files = sorted(by_file)
+    digest = step3.splits.dataset_digest(folder, [folder / f for f in files])
+    splits = step3.splits.make_splits(files, np.array([by_file[f] for f in files]), 3, 3, 0, digest)
+    path = tmp_path_factory.mktemp("split") / "dataset_splits.json"
+    step3.splits.write_splits(splits, path)
+    return {"folder": folder, "labels": by_file, "splits": splits, "path": path}
+
+
+def test_load_splits_returns_arrays_ready_for_training(step3, standin_split):
+    loaded = step3.splits.load_splits(standin_split["path"], standin_split["folder"], standin_split["labels"])
+    raw = standin_split["splits"]
+    assert loaded["digest"] == hashlib.sha256(standin_split["path"].read_bytes()).hexdigest()
+    assert loaded["files"] == [standin_split["folder"] / f for f in raw["files"]]
+    assert list(loaded["labels"]) == [standin_split["labels"][f] for f in raw["files"]]
+    assert sorted(loaded["root_splits"]) == [0, 1, 2] and sorted(loaded["root_splits"][2]["nested"]) == [0, 1, 2]
+    fold = loaded["root_splits"][2]
+    assert fold["test"].tolist() == raw["root_splits"]["2"]["test_indices"]
+    assert fold["nested"][1]["train"].tolist() == raw["root_splits"]["2"]["nested_splits"]["1"]["train_indices"]
+    assert fold["nested"][1]["dev"].tolist() == raw["root_splits"]["2"]["nested_splits"]["1"]["dev_indices"]
+    assert loaded["meta"]["dataset_digest"] == raw["meta"]["dataset_digest"]
+
+
+def broken(splits: dict, how: str) -> tuple[dict, str]:
+    """A copy of a valid split dict damaged in one way, and the start of the sentence it must produce."""
+    damaged = json.loads(json.dumps(splits))
+    roots = damaged["root_splits"]
+    if how == "train_dev_overlap":
+        parts = roots["1"]["nested_splits"]["2"]
+        parts["train_indices"] = sorted([*parts["train_indices"], parts["dev_indices"][0]])
+        return damaged, rf"root split 1, nested split 2: train and dev share 1 index \(e.g. {parts['dev_indices'][0]}\)"
+    if how == "out_of_range":
+        roots["2"]["test_indices"][-1] = 500
+        return damaged, r"root split 2: test_indices holds 500, not an integer from 0 to 118"
+    if how == "missing_dev_key":
+        del roots["0"]["nested_splits"]["1"]["dev_indices"]
+        return damaged, r"root split 0, nested split 1: key 'dev_indices' is missing"
+    if how == "missing_meta_digest":
+        del damaged["meta"]["dataset_digest"]
+        return damaged, r"key 'meta.dataset_digest' is missing"
+    if how == "missing_root_split":
+        del roots["2"]
+        return damaged, r"'root_splits' is not numbered 0 to meta.k_root - 1"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize(
+    "how", ["train_dev_overlap", "out_of_range", "missing_dev_key", "missing_meta_digest", "missing_root_split"]
+)
+def test_load_splits_names_the_fold_or_key_at_fault(step3, standin_split, tmp_path, how):
+    damaged, expected = broken(standin_split["splits"], how)
+    path = tmp_path / "dataset_splits.json"
+    step3.splits.write_splits(damaged, path)
+    with pytest.raises(SystemExit) as error:
+        step3.splits.load_splits(path, standin_split["folder"], standin_split["labels"])
+    message = str(error.value.code)
+    assert message.startswith(f"{path}: ") and message.endswith(f"{REMAKE}.") and "\n" not in message
+    assert len(re.findall(expected, message)) == 1, message
+
+
+def test_load_splits_refuses_missing_and_malformed_files(step3, standin_split, tmp_path):
+    args = (standin_split["folder"], standin_split["labels"])
+    with pytest.raises(SystemExit, match=r"no split file there; make it with python step_3/make_dataset_splits.py"):
+        step3.splits.load_splits(tmp_path / "nothing.json", *args)
+    truncated = tmp_path / "truncated.json"
+    truncated.write_bytes(standin_split["path"].read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=rf"truncated.json is not valid JSON .*; {REMAKE}"):
+        step3.splits.load_splits(truncated, *args)
+
+
+@pytest.fixture
+def data_copy(standin_split, tmp_path) -> Path:
+    """A private copy of the stand-in's dataset folder, free to damage."""
+    return Path(shutil.copytree(standin_split["folder"], tmp_path / "oxford-iiit-pet"))
+
+
+@pytest.mark.parametrize("change", ["annotation_byte", "image_bytes"])
+def test_load_splits_refuses_a_stale_file_after_the_data_changed(step3, standin_split, data_copy, change):
+    step3.splits.load_splits(standin_split["path"], data_copy, standin_split["labels"])  # the copy matches
+    if change == "annotation_byte":  # trainval.txt is hashed but not read for labels: only the digest can tell
+        target = data_copy / "annotations" / "trainval.txt"
+        text = bytearray(target.read_bytes())
+        text[-2] = ord("2") if text[-2] != ord("2") else ord("1")
+        target.write_bytes(bytes(text))
+    else:  # bytes after a JPEG's end marker: the image still decodes the same
+        with open(data_copy / standin_split["splits"]["files"][5], "ab") as image:
+            image.write(b"\0")
+    with pytest.raises(
+        SystemExit, match=rf"meta.dataset_digest does not match the images and annotations in .*{REMAKE}"
+    ):
+        step3.splits.load_splits(standin_split["path"], data_copy, standin_split["labels"])
+
+
+def test_load_splits_refuses_a_file_missing_on_disk_or_other_data(step3, standin_split, data_copy):
+    gone = standin_split["splits"]["files"][7]
+    (data_copy / gone).unlink()
+    with pytest.raises(SystemExit, match=rf"1 listed file\(s\) are not in .* \(e.g. {gone}\); {REMAKE}"):
+        step3.splits.load_splits(standin_split["path"], data_copy, standin_split["labels"])
+    extra = {**standin_split["labels"], "images/newcomer_1.jpg": 0}
+    with pytest.raises(SystemExit, match=r"made from other data \(images/newcomer_1.jpg is listed in the annotations"):
+        step3.splits.load_splits(standin_split["path"], standin_split["folder"], extra)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# make_dataset_splits.py end to end
+def test_make_dataset_splits_end_to_end(step3, make_standin, tmp_path):
+    data_dir = Path(shutil.copytree(make_standin(N_SPLITS), tmp_path / "oxfordiii"))  # default output goes in it
+    proc = run_script(
+        "step_3/make_dataset_splits.py", "--data-dir", str(data_dir), "--k-root", "3", "--k-nested", "3", cwd=tmp_path
+    )
+    written = data_dir / "dataset_splits.json"
+    again = tmp_path / "again.json"
+    step3.make.main(["--data-dir", str(data_dir), "--k-root", "3", "--k-nested", "3", "--output", str(again)])
+    assert written.read_bytes() == again.read_bytes()
+
+    folder = data_dir / "oxford-iiit-pet"
+    marker = json.loads((folder / "SYNTHETIC.json").read_text())
+    (truncated,) = [d["file"] for d in marker["defects"] if d["kind"] == "truncated_jpeg"]
+    assert proc.stdout.count(f"Excluded 1 undecodable file(s): {Path(truncated).name}") == 1
+    assert "SYNTHETIC STAND-IN" in proc.stdout and f"Wrote {written}" in proc.stdout
+    paths, labels = step3.train.read_annotations(folder)
+    listed = {p.relative_to(folder).as_posix(): int(y) for p, y in zip(paths, labels, strict=True)}
+    assert truncated in listed and len(listed) == N_SPLITS
+    del listed[truncated]
+    loaded = step3.splits.load_splits(written, folder, listed)
+    meta = loaded["meta"]
+    assert (meta["k_root"], meta["k_nested"], meta["seed"], meta["n_files"]) == (3, 3, 0, N_SPLITS - 1)
+    assert meta["excluded_undecodable"] == [truncated] and meta["dataset_synthetic"] is True
+    assert f"split file sha256 {loaded['digest'][:12]}" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics: checked against numbers computed here by hand
+T_975 = {1: 12.706204736174698, 3: 3.182446305284263}  # Student t quantiles, from tables
+
+
+def test_corrected_interval_by_hand(step3):
+    interval = step3.analysis.corrected_t_interval
+    result = interval([[0.80], [0.84], [0.82], [0.86]], 0.25)
+    variance = (0.03**2 + 0.01**2 + 0.01**2 + 0.03**2) / 3
+    half = T_975[3] * math.sqrt((1 / 4 + 0.25) * variance)
+    assert result["mean"] == pytest.approx(0.83)
+    assert result["sd"] == pytest.approx(math.sqrt(variance))
+    assert (result["low"], result["high"]) == pytest.approx((0.83 - half, 0.83 + half), abs=1e-9)
+    assert result["n_outer"] == 4 and result["df"] == 3
+    # nested repeats are averaged per outer fold first: these average to the four values above
+    nested = interval([[0.78, 0.82], [0.84], [0.80, 0.82, 0.84], [0.86, 0.86]], 0.25)
+    assert (nested["mean"], nested["low"], nested["high"]) == pytest.approx((0.83, 0.83 - half, 0.83 + half))
+    naive = interval([[0.80], [0.84], [0.82], [0.86]], 0.0)  # folds taken as independent
+    assert naive["high"] - naive["low"] == pytest.approx(2 * T_975[3] * math.sqrt(variance / 4))
+    assert naive["high"] - naive["low"] < result["high"] - result["low"]
+
+
+def test_two_outer_folds_warn_and_one_gives_no_interval(step3):
+    analysis = step3.analysis
+    two = analysis.corrected_t_interval([[0.80, 0.82], [0.90]], 0.1)
+    half = T_975[1] * math.sqrt((1 / 2 + 0.1) * (0.90 - 0.81) ** 2 / 2)  # s² of two values: (a - b)² / 2
+    assert (two["low"], two["high"]) == pytest.approx((0.855 - half, 0.855 + half))
+    warning = analysis.interval_warning(2)
+    assert "only 2 outer folds" in warning and "1 degree(s) of freedom" in warning and "t = 12.7" in warning
+    assert "--n-root-splits all" in warning
+    one = analysis.corrected_t_interval([[0.80, 0.90]], 0.1)
+    assert one["mean"] == pytest.approx(0.85) and math.isnan(one["low"]) and math.isnan(one["high"])
+    assert "no interval" in analysis.interval_warning(1)
+    assert analysis.interval_warning(10) is None
+
+
+def test_corrected_paired_t_test_by_hand(step3):
+    test = step3.analysis.corrected_paired_t_test
+    result = test([[0.02, 0.04], [0.01], [0.05], [0.00, 0.02]], 0.1)  # outer-fold means 0.03, 0.01, 0.05, 0.01
+    variance = (0.005**2 + 0.015**2 + 0.025**2 + 0.015**2) / 3
+    se = math.sqrt((1 / 4 + 0.1) * variance)
+    t = 0.025 / se
+    assert result["mean"] == pytest.approx(0.025) and result["t"] == pytest.approx(t) and result["df"] == 3
+    assert result["p"] == pytest.approx(2 * stats.t.sf(t, 3))
+    assert 0.05 < result["p"] < 0.2  # t ≈ 2.21 with 3 degrees of freedom
+    assert (result["low"], result["high"]) == pytest.approx((0.025 - T_975[3] * se, 0.025 + T_975[3] * se))
+    same = test([[0.0, 0.0], [0.0]], 0.1)
+    assert same["t"] == 0 and same["p"] == pytest.approx(1.0)
+    assert math.isnan(test([[0.01, 0.02]], 0.1)["p"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# analyze_predictions.py on fake runs laid out as step_3/train.py records them
+def fake_predictions(rng: np.random.Generator, separation: float, n: int = 40) -> pd.DataFrame:
+    """A prediction table with both classes; larger separation, higher ROC AUC."""
+    labels = np.r_[np.ones(n // 2, int), np.zeros(n - n // 2, int)]
+    scores = np.clip(0.5 + separation * (labels - 0.5) + rng.normal(0, 0.2, n), 0, 1)
+    return pd.DataFrame({"file": [f"p{i}.jpg" for i in range(n)], "label": labels, "score": scores})
+
+
+@pytest.fixture(scope="module")
+def fake_store(tmp_path_factory) -> dict:
+    """A sqlite store with root runs and fold runs in the layout of step_3/train.py, and what a reader expects."""
+    tmp = tmp_path_factory.mktemp("fake_store")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("step_3", artifact_location=(tmp / "artifacts").as_uri())
+    rng, clock = np.random.default_rng(0), [1_700_000_000_000]
+
+    def tick() -> int:
+        clock[0] += 1000
+        return clock[0]
+
+    def root(key: str, digest: str, complete: bool = True) -> str:
+        tags = {"run_level": "root", "run_key": key, "split_file_digest": digest, "split_file": "splits.json"}
+        run_id = client.create_run(experiment, start_time=tick(), tags=tags).info.run_id
+        if complete:
+            client.set_tag(run_id, "run_complete", "true")
+            client.set_terminated(run_id, "FINISHED", end_time=tick())
+        return run_id
+
+    def fold(parent: str, key: str, r: int, n: int, separation: float, complete: bool = True) -> tuple[str, dict]:
+        tags = {"mlflow.parentRunId": parent, "run_level": "fold", "root_split_id": str(r), "nested_split_id": str(n)}
+        run_id = client.create_run(experiment, start_time=tick(), tags={**tags, "run_key": key}).info.run_id
+        tables = {"dev": fake_predictions(rng, separation), "test": fake_predictions(rng, separation)}
+        threshold = 0.5 + rng.uniform(-0.1, 0.1)
+        now = tick()
+        metrics = {"dev_roc_auc": roc_auc_score(tables["dev"]["label"], tables["dev"]["score"]), "threshold": threshold}
+        metrics["test_roc_auc"] = roc_auc_score(tables["test"]["label"], tables["test"]["score"])
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            params=[Param(k, v) for k, v in {"n_train": "60", "n_dev": "40", "n_test": "40", "seed": "0"}.items()],
+        )
+        folder = tmp / run_id
+        folder.mkdir()
+        for name, table in tables.items():
+            table.to_csv(folder / f"{name}_predictions.csv", index=False)
+            client.log_artifact(run_id, str(folder / f"{name}_predictions.csv"), "predictions")
+        if complete:
+            client.set_tag(run_id, "fold_complete", "true")
+        client.set_terminated(run_id, "FINISHED", end_time=tick())  # FINISHED, complete or not
+        return run_id, {**tables, "threshold": threshold}
+
+    four = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    a, b = root("key_a", "digest_1"), root("key_a", "digest_1")  # two jobs of one configuration
+    fold(a, "key_a", 0, 0, 0.1)  # an earlier attempt at fold (0, 0): superseded by the one below
+    expected = {f: fold(a if f[0] == 0 else b, "key_a", *f, 0.3 + 0.1 * i) for i, f in enumerate(four)}
+    fold(b, "key_a", 2, 0, 0.9, complete=False)  # FINISHED without its completion tag: must be ignored
+    c = root("key_c", "digest_1")
+    other = {f: fold(c, "key_c", *f, 0.2) for f in four}
+    e = root("key_e", "digest_2")
+    for f in four:
+        fold(e, "key_e", *f, 0.3)
+    g = root("key_g", "digest_1")
+    for f in four[:2]:
+        fold(g, "key_g", *f, 0.3)
+    h = root("key_h", "digest_1", complete=False)
+    return {"uri": uri, "client": client, "ids": dict(a=a, b=b, c=c, e=e, g=g, h=h), "a": expected, "c": other}
+
+
+def independent_interval(aucs: dict[tuple[int, int], float], ratio: float) -> tuple[float, float, float, float]:
+    """Mean, SD and corrected 95% interval computed here from per-fold AUCs."""
+    outer = [np.mean([v for (r, _), v in aucs.items() if r == root]) for root in sorted({r for r, _ in aucs})]
+    mean, sd, j = np.mean(outer), np.std(outer, ddof=1), len(outer)
+    half = stats.t.ppf(0.975, j - 1) * math.sqrt((1 / j + ratio) * sd**2)
+    return mean, sd, mean - half, mean + half
+
+
+def test_analysis_end_to_end_on_folds_from_two_jobs(fake_store, tmp_path):
+    client, ids = fake_store["client"], fake_store["ids"]
+    proc = run_script(
+        "step_3/analyze_predictions.py",
+        "--run-id",
+        ids["a"],
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": fake_store["uri"]},
+    )
+    aucs = {f: roc_auc_score(t["test"]["label"], t["test"]["score"]) for f, (_, t) in fake_store["a"].items()}
+    mean, sd, low, high = independent_interval(aucs, 40 / 60)
+    root = client.get_run(ids["a"])
+    metrics = root.data.metrics
+    assert root.info.status == "FINISHED"
+    assert metrics["analysis_test_roc_auc_mean"] == pytest.approx(mean, rel=1e-9)
+    assert metrics["analysis_test_roc_auc_sd"] == pytest.approx(sd, rel=1e-9)
+    assert (metrics["analysis_test_roc_auc_ci_low"], metrics["analysis_test_roc_auc_ci_high"]) == pytest.approx(
+        (low, high), rel=1e-9
+    )
+    assert (metrics["analysis_n_outer_folds"], metrics["analysis_n_folds"]) == (2, 4)
+    assert metrics["analysis_test_train_ratio"] == pytest.approx(40 / 60)
+    accuracy = {
+        f: np.mean((t["test"]["score"] >= t["threshold"]) == t["test"]["label"])
+        for f, (_, t) in fake_store["a"].items()
+    }
+    assert metrics["analysis_test_accuracy_mean"] == pytest.approx(independent_interval(accuracy, 0)[0])
+    assert root.data.tags["analysis_root_runs"] == ",".join(sorted([ids["a"], ids["b"]]))
+    assert not any(k.startswith("analysis_") for k in client.get_run(ids["b"]).data.metrics)
+
+    folder = Path(client.download_artifacts(ids["a"], "", str(tmp_path / "artifacts")))
+    for name in ("fold_roc_curves.png", "forest_plot.png"):
+        assert (folder / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = pd.read_csv(folder / "analysis" / "fold_metrics.csv")
+    assert list(zip(table["root_split"], table["nested_split"], strict=True)) == list(fake_store["a"])
+    assert list(table["run_id"]) == [run_id for run_id, _ in fake_store["a"].values()]  # the latest (0, 0)
+    assert np.allclose(table["test_roc_auc"], list(aucs.values()))
+    assert "only 2 outer folds" in proc.stdout and "t = 12.7" in proc.stdout and "Nadeau & Bengio" in proc.stdout
+    assert f"{low:.4f} to {high:.4f}" in proc.stdout
+
+
+def test_compare_two_configurations_fold_by_fold(step3, fake_store, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fake_store["uri"])
+    ids = fake_store["ids"]
+    step3.analysis.main(["--compare", ids["a"], ids["c"]])
+    out = capsys.readouterr().out
+    differences = {
+        f: roc_auc_score(fake_store["a"][f][1]["test"]["label"], fake_store["a"][f][1]["test"]["score"])
+        - roc_auc_score(fake_store["c"][f][1]["test"]["label"], fake_store["c"][f][1]["test"]["score"])
+        for f in fake_store["a"]
+    }
+    outer = [np.mean([differences[(r, 0)], differences[(r, 1)]]) for r in (0, 1)]
+    mean, se = np.mean(outer), math.sqrt((1 / 2 + 40 / 60) * np.var(outer, ddof=1))
+    p = 2 * stats.t.sf(abs(mean / se), 1)
+    assert f"Mean difference A − B over 2 outer fold(s): {mean:+.4f}" in out
+    assert f"t = {mean / se:.2f} with 1 degree(s) of freedom, two-sided p = {p:.3g}" in out
+    assert f"95% interval {mean - T_975[1] * se:+.4f} to {mean + T_975[1] * se:+.4f}" in out
+
+
+@pytest.mark.parametrize(
+    "other, expected",
+    [
+        ("g", r"completed different folds \(only in the first: \[\(1, 0\), \(1, 1\)\]; only in the second: none\)"),
+        ("h", r"is RUNNING and did not complete"),
+        ("b", r"share their run key: they are one configuration"),
+        ("nonexistent", r"No run with id nonexistent in sqlite:.*: check --compare\."),
+    ],
+)
+def test_compare_refuses_runs_that_cannot_be_paired(step3, fake_store, monkeypatch, other, expected):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fake_store["uri"])
+    other_id = fake_store["ids"].get(other, other)
+    with pytest.raises(SystemExit, match=expected):
+        step3.analysis.main(["--compare", fake_store["ids"]["a"], other_id])
+
+
+def test_compare_refuses_different_split_files_in_one_sentence(fake_store, tmp_path):
+    ids = fake_store["ids"]
+    proc = run_script(
+        "step_3/analyze_predictions.py",
+        "--compare",
+        ids["a"],
+        ids["e"],
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": fake_store["uri"]},
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith(f"Runs {ids['a']} and {ids['e']} were made on different split files")
+    assert "split_file_digest digest_1 vs digest_2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

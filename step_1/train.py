@@ -417,7 +417,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="auto: CUDA, then MPS, then CPU",
     )
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        help="DataLoader worker processes; when not given, 0 on a CPU (workers would compete with the model for "
+        "the cores) and 4 on a GPU (it needs images faster than one process decodes them)",
+    )
     return parser.parse_args(argv)
 
 
@@ -426,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
     device = pick_device(args.device)
+    if args.num_workers is None:
+        args.num_workers = 0 if device.type == "cpu" else 4
     started = time.perf_counter()
 
     folder = dataset_folder(args.data_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import socket
@@ -179,34 +178,34 @@ def test_provenance_outside_a_git_checkout(make_standin, tmp_path, monkeypatch):
 
 
 def test_sigterm_to_the_process_group_ends_every_run_killed(make_standin, tmp_path):
-    """As `timeout`, SLURM or Ctrl-C do: signal the whole group while DataLoader workers are running."""
+    """As `timeout`, SLURM or Ctrl-C do: signal the whole group during fine-tuning, with DataLoader workers."""
     args = ["--quick", "--data-dir", str(make_standin(N_SMALL)), "--num-workers", "2"]
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "step_2/train.py"), *args],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
         start_new_session=True,  # its own process group, so killpg reaches it and its workers only
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    output = io.StringIO()
-    for line in proc.stdout:
-        output.write(line)
-        if line.startswith("MLflow run started"):
-            break
-    time.sleep(3)  # into the training loop
+    output = b""
+    while b"finetune:" not in output:  # the fine-tuning progress bar has appeared (no newline yet: read raw)
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, output.decode()[-3000:]
+        output += chunk
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        output.write(proc.communicate(timeout=60)[0])
+        output += proc.communicate(timeout=60)[0]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("train.py did not exit within 60 s of SIGTERM")
+    text = output.decode()
     assert proc.returncode != 0
-    assert "marked KILLED" in output.getvalue() and "Traceback" not in output.getvalue()
+    assert "marked KILLED" in text and "Traceback" not in text
     client = client_for(tmp_path)
-    all_runs = client.search_runs([client.get_experiment_by_name("step_2").experiment_id])
-    assert all_runs and {r.info.status for r in all_runs} == {"KILLED"}
+    runs = client.search_runs([client.get_experiment_by_name("step_2").experiment_id])
+    status = {r.data.tags.get("phase", r.data.tags["run_level"]): r.info.status for r in runs}
+    assert status == {"root": "KILLED", "warmup": "FINISHED", "finetune": "KILLED"}
 
 
 def free_port() -> int:

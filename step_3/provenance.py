@@ -19,6 +19,7 @@ import mlflow
 import pandas as pd
 import torch
 import torchvision
+from mlflow.data.sources import LocalArtifactDatasetSource
 
 DIGEST_PREFIX = 32  # mlflow.log_input keeps at most 36 characters of a digest; the full one goes in a tag
 
@@ -114,7 +115,9 @@ def log_provenance(
     files = pd.DataFrame({"file": [p.relative_to(folder).as_posix() for p in image_paths]})
     source = "synthetic stand-in" if is_standin else "Oxford-IIIT Pet"
     mlflow.log_input(
-        mlflow.data.from_pandas(files, source=folder.resolve().as_uri(), name=source, digest=digest[:DIGEST_PREFIX]),
+        mlflow.data.from_pandas(
+            files, source=LocalArtifactDatasetSource(str(folder.resolve())), name=source, digest=digest[:DIGEST_PREFIX]
+        ),
         context="training",
     )
     return digest

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import platform
 import statistics
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -36,17 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from step_module import load_train
+
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-
-
-def load_step1() -> ModuleType:
-    """Import step_1/train.py as a module (step folders are not packages)."""
-    spec = importlib.util.spec_from_file_location("step_1_train", REPO / "step_1" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses (and worker pickling) look the module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def cpu_model() -> str:
@@ -125,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Measure, interleaved, and print the medians and the paired ratios."""
     args = parse_args(argv)
-    train = load_step1()
+    train = load_train("step_1")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,19 +34,12 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from step_module import load_train
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_DEV_AUC, TARGET_DEV_SD = 0.75, 0.1  # mean and sd of dev ROC AUC over the seeds
 TARGET_SECONDS = 10.0  # "about 10 s": met when the mean is within 25 % above it
 STANDIN_MARKER = "oxford-iiit-pet/SYNTHETIC.json"
-
-
-def load_step1() -> ModuleType:
-    """Import step_1/train.py as a module (step folders are not packages)."""
-    spec = importlib.util.spec_from_file_location("step_1_train", REPO / "step_1" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses (and worker pickling) look the module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def time_calls(module: ModuleType, name: str) -> list[float]:
@@ -101,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the seeded quick trainings and print one row per seed, the means and whether the targets are met."""
     args = parse_args(argv)
     data_dir = args.data_dir.resolve()  # the runs happen in other working directories
-    train = load_step1()
+    train = load_train("step_1")
     check_seconds = time_calls(train, "drop_undecodable")
     step1_argv = ["--quick", "--data-dir", str(data_dir)]
     if args.num_workers is not None:

@@ -18,10 +18,8 @@ Target: batched ≥ 0.97× tracking off.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,17 +27,9 @@ from pathlib import Path
 import mlflow
 import torch
 
+from step_module import load_train
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_train_module():
-    """step_2/train.py as a module (its folder on sys.path for its own `provenance` import)."""
-    sys.path.insert(0, str(REPO / "step_2"))
-    spec = importlib.util.spec_from_file_location("step_2_train", REPO / "step_2" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=REPO / "data/oxfordiii", help="dataset root")
     args = parser.parse_args(argv)
 
-    train = load_train_module()
+    train = load_train("step_2")
     settings, device = train.QUICK, torch.device("cpu")
     train.seed_everything(0, True, os.cpu_count())
     paths, labels = train.read_annotations(train.dataset_folder(args.data_dir))

@@ -1,0 +1,20 @@
+"""Load a step's train.py as a module for the benchmarks (step folders are not packages)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_train(step: str) -> ModuleType:
+    """Import <step>/train.py; its folder goes on sys.path for the step's own helper modules (provenance, ...)."""
+    sys.path.insert(0, str(REPO / step))
+    spec = importlib.util.spec_from_file_location(f"{step}_train", REPO / step / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (and worker pickling) look the module up by name
+    spec.loader.exec_module(module)
+    return module

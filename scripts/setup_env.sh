@@ -21,8 +21,9 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 stamp=.venv/.requirements.lock.sha256
-if ! sha256sum --check --status "$stamp" 2>/dev/null; then
+lock_hash=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("requirements.lock", "rb").read()).hexdigest())')
+if [ "$(cat "$stamp" 2>/dev/null)" != "$lock_hash" ]; then
   echo "Installing requirements.lock into .venv (the first time: torch is a large download)"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
-  sha256sum requirements.lock > "$stamp"
+  echo "$lock_hash" > "$stamp"
 fi

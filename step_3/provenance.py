@@ -92,11 +92,19 @@ def dataset_digest(folder: Path, image_paths: list[Path]) -> str:
 
 
 def log_provenance(
-    code_dir: Path, device: torch.device, folder: Path, image_paths: list[Path], is_standin: bool
+    code_dir: Path,
+    device: torch.device,
+    folder: Path,
+    image_paths: list[Path],
+    is_standin: bool,
+    digest: str | None = None,
 ) -> str:
-    """Put code, command, software, hardware and data provenance on the active run; return the data digest."""
+    """Put code, command, software, hardware and data provenance on the active run; return the data digest.
+
+    `digest`: the data digest when the caller has just computed it (step 3 checks it when loading the split file).
+    """
     state = git_state(code_dir)
-    digest = dataset_digest(folder, image_paths)
+    digest = digest or dataset_digest(folder, image_paths)
     mlflow.set_tags(
         {
             "git_commit": state["commit"],

@@ -777,7 +777,14 @@ def main(argv: list[str] | None = None) -> None:
                         "k_nested": len(splits["root_splits"][0]["nested"]),
                     }
                 )
-                log_provenance(Path(__file__).resolve().parent, device, folder, splits["files"], is_standin)
+                log_provenance(
+                    Path(__file__).resolve().parent,
+                    device,
+                    folder,
+                    splits["files"],
+                    is_standin,
+                    digest=splits["meta"]["dataset_digest"],  # load_splits just checked it against the data
+                )
                 mlflow.log_artifact(str(split_file), "splits")
             for fold in folds:
                 if fold in done:

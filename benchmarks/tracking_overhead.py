@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     loader = train.make_loader(dataset, settings.batch_size, True, 0, device, 0)
     model = train.build_model(settings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr)
-    batched = train.log_step_losses
+    batched = train.runs.log_step_losses
 
     def no_op(losses: list[float], first_step: int) -> None:
         return None
@@ -73,11 +73,11 @@ def main(argv: list[str] | None = None) -> None:
             for repeat in range(args.repeats):
                 for name, (log_step_losses, deterministic) in variants.items():
                     torch.use_deterministic_algorithms(deterministic, warn_only=True)
-                    train.log_step_losses = log_step_losses
+                    train.runs.log_step_losses = log_step_losses
                     started = time.perf_counter()
                     train.train_one_epoch(model, loader, optimizer, device, freeze_backbone=False, epoch=repeat + 2)
                     rates[name].append(len(dataset) / (time.perf_counter() - started))
-            train.log_step_losses = batched
+            train.runs.log_step_losses = batched
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(dataset)} images per epoch")
     print(f"{'variant':20s} {'median img/s':>12s} {'min–max':>15s} {'ratio':>7s}")

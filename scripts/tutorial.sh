@@ -14,4 +14,4 @@ for step in step_*/; do
 done
 echo
 echo "Done. Step 1 wrote its results to results/step_1/; the later steps recorded theirs in MLflow"
-echo "(mlflow.db and mlruns/ in $(pwd)). Look at them with: .venv/bin/mlflow ui   (then open http://127.0.0.1:5000)"
+echo "(mlflow.db and mlruns/ in $(pwd)). Look at them with: .venv/bin/mlflow ui   (then open the link each step printed: it ends in ?workflowType=machine_learning, the model-training view)"

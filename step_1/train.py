@@ -1,26 +1,17 @@
 """Step 1 — the naive baseline: fine-tune an ImageNet CNN to tell cats from dogs (Oxford-IIIT Pet).
 
-This script works, and everything it computes is correct. What it lacks on purpose is reproducibility;
-the later steps fix one flaw each:
+What it does: ImageNet-pretrained DenseNet-121 with a new head (Linear → ReLU → Dropout → Linear to one logit).
+Warm-up: only the head trains, on unaugmented images; the backbone is frozen and in eval mode (its BatchNorm
+statistics do not move). Fine-tuning: all layers, a smaller learning rate, AutoAugment. Early stopping on dev
+ROC AUC keeps the best model; the decision threshold is fitted on dev (Youden's J).
 
-| flaw in this step                                              | fixed in |
-|----------------------------------------------------------------|----------|
-| 1. no seed: two runs give different splits, weights, results   | step 2   |
-| 2. nothing recorded: settings, versions, data and code are lost | step 2   |
-| 3. outputs overwrite each other in results/step_1/             | step 2   |
-| 4. one random train/dev/test split: one lucky or unlucky draw  | step 3   |
-| 5. hand-picked hyper-parameters, tuned by nobody               | step 4   |
-| 6. settings hard-coded in this file                            | step 5   |
-
-What it does: ImageNet-pretrained DenseNet-121 with a new head (Linear → ReLU → Dropout → Linear to one
-logit). Warm-up: only the head trains; the backbone is frozen and in eval mode (its BatchNorm statistics do
-not move) and the images are not augmented, so a later step can compute backbone features once. Fine-tuning:
-all layers, a smaller learning rate, AutoAugment on the training images. Early stopping on dev ROC AUC keeps
-the best model; the decision threshold is fitted on dev (Youden's J).
+This step works and is correct, but it is not reproducible, on purpose: no seed (flaw 1), nothing recorded (2),
+outputs overwrite each other in results/step_1/ (3), one random split (4), hand-picked hyper-parameters (5),
+settings hard-coded in this file (6). Steps 2 to 5 fix them; README.md's flaw ledger says which step fixes which.
 
 Run from the repository root:
 
-    python step_1/download_data.py              # the real dataset (or --synthetic for the offline stand-in)
+    python step_1/download_data.py --synthetic  # the offline stand-in (without --synthetic: the real data)
     python step_1/train.py                      # DenseNet-121, ImageNet weights, 224 px: use a GPU
     python step_1/train.py --quick              # same code path at smoke size on a CPU (~15 s on 2 cores)
     python step_1/analyze_predictions.py
@@ -30,25 +21,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import urllib.error
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torchvision
-from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
+
+from pets import dataset_folder, drop_undecodable, load_image, read_annotations, warn_if_standin
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,20 +82,17 @@ FULL = Settings(
 # --quick: the same code path at smoke size for a CPU. A small backbone without pretrained weights (nothing to
 # download), 64 px images and a capped subset make one training take seconds; the learning rates are larger
 # because a network trained from scratch has nothing to protect.
-QUICK = Settings(
+QUICK = replace(
+    FULL,
     backbone="resnet18",
     pretrained=False,
     image_size=64,
     max_images=600,
-    batch_size=32,
     warmup_epochs=2,
-    warmup_lr=1e-3,
     finetune_epochs=3,
     finetune_lr=1e-3,
     patience=2,
-    weight_decay=1e-4,
     head_hidden=64,
-    dropout=0.2,
 )
 
 DEV_FRACTION = 0.15  # of all images, for early stopping and the threshold
@@ -112,18 +100,13 @@ TEST_FRACTION = 0.15  # of all images, touched once at the end
 RESULTS_DIR = Path("results/step_1")  # fixed paths: every run overwrites the last one (flaw 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation the ImageNet weights expect
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STANDIN_MARKER = "SYNTHETIC.json"  # written by download_data.py --synthetic
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Device
 def pick_device(name: str) -> torch.device:
     """Return the requested device; `auto` takes CUDA, then Apple MPS, then the CPU."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-        "cpu": True,
-    }
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
     if not available[name]:
@@ -136,83 +119,6 @@ def pick_device(name: str) -> torch.device:
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
-def dataset_folder(data_dir: Path) -> Path:
-    """Return the `oxford-iiit-pet` folder inside data_dir, or stop with a clear message."""
-    folder = data_dir / "oxford-iiit-pet"
-    if not (folder / "annotations" / "list.txt").is_file():
-        raise SystemExit(
-            f"No dataset in {folder} (annotations/list.txt is missing): run "
-            f"`python step_1/download_data.py --data-dir {data_dir}` (add --synthetic offline)."
-        )
-    return folder
-
-
-def warn_if_standin(folder: Path) -> bool:
-    """Say loudly when the data is the synthetic stand-in; return whether it is."""
-    if not (folder / STANDIN_MARKER).exists():
-        return False
-    bar = "!" * 100
-    print(
-        f"{bar}\n!! {folder} is the SYNTHETIC STAND-IN, not the Oxford-IIIT Pet data. Its results say nothing "
-        f"about real pets.\n{bar}",
-        flush=True,
-    )
-    return True
-
-
-def read_annotations(folder: Path) -> tuple[list[Path], np.ndarray]:
-    """Read annotations/list.txt: image paths and labels from the species column (1 = cat, the positive class)."""
-    paths, labels = [], []
-    for line in (folder / "annotations" / "list.txt").read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name, _class_id, species, _breed_id = line.split()
-        paths.append(folder / "images" / f"{name}.jpg")
-        labels.append(1 if species == "1" else 0)
-    return paths, np.array(labels)
-
-
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Decode an image file to a 3×size×size uint8 tensor, whatever its real format or colour mode.
-
-    PIL rather than torchvision.io: torchvision's decoders are deprecated since 0.29, and PIL's `draft` lets
-    libjpeg decode a JPEG directly at 1/2, 1/4 or 1/8 scale, which makes small images several times cheaper.
-    PIL also reads the PNG and GIF files named .jpg and the grayscale and CMYK JPEGs of the real archive.
-    """
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))  # only JPEGs use it; it never goes below the requested size
-        rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
-
-
-def is_decodable(path: Path, size: int) -> bool:
-    """Whether the whole file decodes (a header check would miss truncated JPEGs)."""
-    try:
-        load_image(path, size)
-    except (OSError, ValueError, SyntaxError):
-        return False
-    return True
-
-
-def drop_undecodable(paths: list[Path], labels: np.ndarray, size: int) -> tuple[list[Path], np.ndarray]:
-    """Exclude the files that do not decode, before any split, and list them once."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL releases the GIL while decoding
-        ok = list(
-            tqdm(
-                pool.map(lambda p: is_decodable(p, size), paths),
-                total=len(paths),
-                desc="checking images",
-                unit="img",
-                leave=False,
-            )
-        )
-    bad = [p.name for p, good in zip(paths, ok, strict=True) if not good]
-    if bad:
-        print(f"Excluded {len(bad)} undecodable file(s): {', '.join(bad)}")
-    keep = np.flatnonzero(ok)
-    return [paths[i] for i in keep], labels[keep]
-
-
 def stratified_subset(labels: np.ndarray, max_images: int | None) -> np.ndarray:
     """Indices of a class-stratified random subset of at most max_images images (all of them if None)."""
     indices = np.arange(len(labels))
@@ -378,28 +284,84 @@ def fit(model: PetClassifier, loaders: dict[str, DataLoader], settings: Settings
     head_optimizer = torch.optim.AdamW(
         model.head.parameters(), lr=settings.warmup_lr, weight_decay=settings.weight_decay
     )
-    train_phase(
-        "warmup",
-        model,
-        {**loaders, "train": loaders["warmup"]},
-        head_optimizer,
-        settings.warmup_epochs,
-        settings.warmup_epochs,
-        device,
-        best,
-    )
+    warmup, n = {**loaders, "train": loaders["warmup"]}, settings.warmup_epochs  # no early stop in the warm-up
+    train_phase("warmup", model, warmup, head_optimizer, n, n, device, best)
     model.backbone.requires_grad_(True)
     all_optimizer = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr, weight_decay=settings.weight_decay)
     train_phase("finetune", model, loaders, all_optimizer, settings.finetune_epochs, settings.patience, device, best)
     return best
 
 
-def save_predictions(path: Path, paths: list[Path], labels: np.ndarray, scores: np.ndarray) -> None:
-    """Write one row per image: file name, label (1 = cat) and predicted cat probability."""
-    pd.DataFrame({"file": [p.name for p in paths], "label": labels, "score": scores}).to_csv(path, index=False)
+def predictions_table(paths: list[Path], labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """One row per image: file name, label (1 = cat) and predicted cat probability."""
+    return pd.DataFrame({"file": [p.name for p in paths], "label": labels, "score": scores})
+
+
+def save_outputs(model: PetClassifier, loaders: dict[str, DataLoader], scores: dict, summary: dict) -> None:
+    """Prediction tables, threshold and metrics, and the weights, to fixed paths (flaw 3: the last run wins)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    for name in ("dev", "test"):
+        table = predictions_table(loaders[name].dataset.paths, loaders[name].dataset.labels, scores[name])
+        table.to_csv(RESULTS_DIR / f"{name}_predictions.csv", index=False)
+    (RESULTS_DIR / "threshold.json").write_text(json.dumps(summary, indent=2) + "\n")
+    torch.save(model.state_dict(), RESULTS_DIR / "model.pt")
+
+
+def train_and_evaluate(
+    paths: list[Path],
+    labels: np.ndarray,
+    split: dict[str, np.ndarray],
+    settings: Settings,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict:
+    """Train on the split's train images, early-stop and fit the threshold on dev, evaluate once on test."""
+
+    def subset(part: str, augment: bool) -> PetImages:
+        return PetImages([paths[i] for i in split[part]], labels[split[part]], settings.image_size, augment)
+
+    loaders = {
+        name: make_loader(subset(part, augment), settings.batch_size, shuffle, args.num_workers, device)
+        for name, part, augment, shuffle in (
+            ("warmup", "train", False, True),  # the frozen warm-up sees the images unaugmented
+            ("train", "train", True, True),
+            ("dev", "dev", False, False),
+            ("test", "test", False, False),
+        )
+    }
+    model = build_model(settings).to(device)
+    best = fit(model, loaders, settings, device)
+    scores = {name: predict(model, loaders[name], device)[0] for name in ("dev", "test")}
+    results = {
+        "threshold": fit_threshold(loaders["dev"].dataset.labels, scores["dev"]),
+        "dev_roc_auc": best["dev_roc_auc"],
+        "test_roc_auc": roc_auc_score(loaders["test"].dataset.labels, scores["test"]),
+        "best_phase": best["phase"],
+        "best_epoch": best["epoch"],
+    }
+    save_outputs(model, loaders, scores, {**results, "settings": asdict(settings)})
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from low to high, so a bad value is one sentence that names the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{value} is out of range: give a whole number from {low}"
+                + (f" to {high}" if high is not None else " up")
+            )
+        return value
+
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags (everything else is hard-coded above)."""
     parser = argparse.ArgumentParser(
@@ -419,7 +381,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--num-workers",
-        type=int,
+        type=int_in(0),
         help="DataLoader worker processes; when not given, 0 on a CPU (workers would compete with the model for "
         "the cores) and 4 on a GPU (it needs images faster than one process decodes them)",
     )
@@ -427,7 +389,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Train, pick the threshold on dev, predict dev and test, and write everything to results/step_1/."""
+    """Split the images once, train, pick the threshold on dev, test, and write everything to results/step_1/."""
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
     device = pick_device(args.device)
@@ -448,52 +410,15 @@ def main(argv: list[str] | None = None) -> None:
         + f" | {settings.backbone} at {settings.image_size} px on {device}"
     )
 
-    def subset(name: str, augment: bool) -> PetImages:
-        return PetImages([paths[i] for i in split[name]], labels[split[name]], settings.image_size, augment)
-
-    loaders = {
-        "warmup": make_loader(subset("train", augment=False), settings.batch_size, True, args.num_workers, device),
-        "train": make_loader(subset("train", augment=True), settings.batch_size, True, args.num_workers, device),
-        "dev": make_loader(subset("dev", augment=False), settings.batch_size, False, args.num_workers, device),
-        "test": make_loader(subset("test", augment=False), settings.batch_size, False, args.num_workers, device),
-    }
-    model = build_model(settings).to(device)
-    best = fit(model, loaders, settings, device)
-
-    dev_scores, _ = predict(model, loaders["dev"], device)
-    test_scores, _ = predict(model, loaders["test"], device)
-    threshold = fit_threshold(loaders["dev"].dataset.labels, dev_scores)
-    test_auc = roc_auc_score(loaders["test"].dataset.labels, test_scores)
-
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    for name, scores in (("dev", dev_scores), ("test", test_scores)):
-        save_predictions(
-            RESULTS_DIR / f"{name}_predictions.csv",
-            loaders[name].dataset.paths,
-            loaders[name].dataset.labels,
-            scores,
-        )
-    summary = {
-        "threshold": threshold,
-        "dev_roc_auc": best["dev_roc_auc"],
-        "test_roc_auc": test_auc,
-        "best_phase": best["phase"],
-        "best_epoch": best["epoch"],
-        "settings": asdict(settings),
-    }
-    (RESULTS_DIR / "threshold.json").write_text(json.dumps(summary, indent=2) + "\n")
-    torch.save(model.state_dict(), RESULTS_DIR / "model.pt")
+    results = train_and_evaluate(paths, labels, split, settings, args, device)
 
     print(
-        f"dev ROC AUC {best['dev_roc_auc']:.3f} (best: {best['phase']} epoch {best['epoch']}), "
-        f"test ROC AUC {test_auc:.3f}, threshold {threshold:.3f}, {time.perf_counter() - started:.0f} s"
+        f"dev ROC AUC {results['dev_roc_auc']:.3f} (best: {results['best_phase']} epoch {results['best_epoch']}), "
+        f"test ROC AUC {results['test_roc_auc']:.3f}, threshold {results['threshold']:.3f}, "
+        f"{time.perf_counter() - started:.0f} s"
     )
-    print(
-        "Wrote (and overwrote) "
-        + ", ".join(
-            str(RESULTS_DIR / n) for n in ("dev_predictions.csv", "test_predictions.csv", "threshold.json", "model.pt")
-        )
-    )
+    written = ("dev_predictions.csv", "test_predictions.csv", "threshold.json", "model.pt")
+    print("Wrote (and overwrote) " + ", ".join(str(RESULTS_DIR / name) for name in written))
     print(f"Next: {Path(sys.executable).name} step_1/analyze_predictions.py")
 
 

@@ -1,8 +1,10 @@
-"""Provenance for step 2: what a run needs on record so that someone else can redo it and trust it.
+"""Provenance: what a run needs on record so that someone else can redo it and trust it.
 
 The code (git commit, dirty flag, uncommitted diff), the command line, the software (Python, torch, CUDA,
 every installed distribution), the hardware (device, CPU model, threads) and the data (a SHA-256 digest of the
-image and annotation files actually used). `log_provenance` puts all of it on the active MLflow run.
+image and annotation files actually used). `log_provenance` puts all of it on the active MLflow run;
+`log_image_lists` records which images each part of a training actually read, and `nondeterminism_reported`
+records the ops that had no deterministic kernel (such a run is not bit-for-bit reproducible).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import platform
 import shlex
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import distributions
 from pathlib import Path
 
@@ -92,11 +97,19 @@ def dataset_digest(folder: Path, image_paths: list[Path]) -> str:
 
 
 def log_provenance(
-    code_dir: Path, device: torch.device, folder: Path, image_paths: list[Path], is_standin: bool
+    code_dir: Path,
+    device: torch.device,
+    folder: Path,
+    image_paths: list[Path],
+    is_standin: bool,
+    digest: str | None = None,
 ) -> str:
-    """Put code, command, software, hardware and data provenance on the active run; return the data digest."""
+    """Put code, command, software, hardware and data provenance on the active run; return the data digest.
+
+    `digest`: the data digest when the caller has just computed it (from step 3 on, loading the split file does).
+    """
     state = git_state(code_dir)
-    digest = dataset_digest(folder, image_paths)
+    digest = digest or dataset_digest(folder, image_paths)
     mlflow.set_tags(
         {
             "git_commit": state["commit"],
@@ -121,3 +134,33 @@ def log_provenance(
         context="training",
     )
     return digest
+
+
+def log_image_lists(parts: dict[str, list[Path]]) -> None:
+    """The images each part (warm-up, train, dev, test) really read, as `data/images.json` and a digest tag each.
+
+    Taken from the DataLoaders themselves, so a leak in the code that builds them shows up here."""
+    names = {part: [f"{p.parent.name}/{p.name}" for p in paths] for part, paths in parts.items()}
+    mlflow.log_dict(names, "data/images.json")
+    mlflow.set_tags(
+        {
+            f"images_digest.{part}": hashlib.sha256("\n".join(files).encode()).hexdigest()
+            for part, files in names.items()
+        }
+    )
+
+
+@contextmanager
+def nondeterminism_reported(device: torch.device) -> Iterator[None]:
+    """Collect PyTorch's warnings about ops with no deterministic kernel; say which and tag the active run."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message=".*does not have a deterministic implementation.*")
+        yield
+    ops = sorted(
+        {str(w.message).split(" does not")[0] for w in caught if "deterministic implementation" in str(w.message)}
+    )
+    if ops:
+        print(
+            f"Not bit-for-bit reproducible on {device}: no deterministic kernel for {', '.join(ops)}", file=sys.stderr
+        )
+        mlflow.set_tag("nondeterministic_ops", ", ".join(ops))

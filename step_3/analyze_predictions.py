@@ -4,7 +4,7 @@ Gathers the completed fold runs of every root run with the chosen root run's run
 jobs, on several machines, are analysed together), prints each fold's metrics at its own threshold (fitted on
 its dev set), and the mean test ROC AUC across folds with a 95% interval that accounts for the folds' overlapping
 training sets: the corrected resampled t interval of Nadeau & Bengio (2003). Logs the numbers (`analysis_*`
-metrics), the per-fold table (`analysis/fold_metrics.csv`) and two figures (`figures/`) onto the root run
+metrics), the per-fold table (`analysis/fold_metrics.json`) and two figures (`figures/`) onto the root run
 without reopening it: it stays FINISHED. `--compare` tests whether two configurations differ, fold by fold.
 
     python step_3/analyze_predictions.py                          # the latest complete step-3 root run
@@ -15,9 +15,9 @@ without reopening it: it stays FINISHED. `--compare` tests whether two configura
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from mlflow.artifacts import load_text  # noqa: E402
 from mlflow.entities import Metric, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from scipy import stats  # noqa: E402
@@ -39,6 +41,9 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
     roc_curve,
 )
+from torch.utils.data import DataLoader  # noqa: E402
+
+from train import PetImages  # noqa: E402
 
 EXPERIMENT = "step_3"  # where step_3/train.py records its runs
 CONFIDENCE = 0.95
@@ -74,10 +79,29 @@ def find_run(client: mlflow.MlflowClient, run_id: str | None) -> mlflow.entities
     return run
 
 
-def load_results(client: mlflow.MlflowClient, run: mlflow.entities.Run, tmp: Path) -> dict[str, pd.DataFrame]:
+def load_results(run: mlflow.entities.Run) -> dict[str, pd.DataFrame]:
     """The dev and test prediction tables logged on the run."""
-    folder = Path(client.download_artifacts(run.info.run_id, "predictions", str(tmp)))
-    return {name: pd.read_csv(folder / f"{name}_predictions.csv") for name in ("dev", "test")}
+    uri = f"runs:/{run.info.run_id}/predictions"
+    return {name: pd.read_csv(io.StringIO(load_text(f"{uri}/{name}_predictions.csv"))) for name in ("dev", "test")}
+
+
+@torch.no_grad()
+def recheck_model(run_id: str, params: dict[str, str], test: pd.DataFrame) -> tuple[str, float]:
+    """Load the run's MLflow model, predict its test images again, compare with the logged scores bit for bit."""
+    folder = Path(params.get("data_dir", "?")) / "oxford-iiit-pet" / "images"
+    paths = [folder / name for name in test["file"]]
+    if not all(path.is_file() for path in paths):
+        return f"skipped: the test images are not in {folder} (run this where train.py ran)", float("nan")
+    torch.set_num_threads(int(params["num_threads"]))  # another thread count adds floats in another order
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    images = PetImages(paths, test["label"].to_numpy(), int(params["image_size"]), augment=False, seed=0)
+    batches = DataLoader(images, batch_size=int(params["batch_size"]))
+    scores = np.concatenate([torch.sigmoid(model(x)).reshape(-1).numpy() for x, _ in batches])
+    difference = float(np.max(np.abs(scores - test["score"].to_numpy(np.float32))))
+    if difference == 0:
+        return "identical: the logged model reproduces the logged test scores bit for bit", difference
+    where = f"trained on {params['device']}, checked on the CPU" if params["device"] != "cpu" else "same device"
+    return f"differs by up to {difference:.2e} ({where})", difference
 
 
 def metrics_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
@@ -201,14 +225,12 @@ def gather_folds(
 
 
 def fold_table(
-    client: mlflow.MlflowClient, folds: dict[tuple[int, int], mlflow.entities.Run], tmp: Path
+    client: mlflow.MlflowClient, folds: dict[tuple[int, int], mlflow.entities.Run]
 ) -> tuple[pd.DataFrame, dict[tuple[int, int], pd.DataFrame]]:
     """One row per fold (sizes, threshold, dev and test ROC AUC, test metrics at its threshold); test tables."""
     rows, tests = [], {}
     for (root_split, nested_split), run in folds.items():
-        folder = tmp / run.info.run_id
-        folder.mkdir(parents=True)
-        test = load_results(client, run, folder)["test"]
+        test = load_results(run)["test"]
         threshold = run.data.metrics["threshold"]
         metrics = metrics_at(test["label"].to_numpy(), test["score"].to_numpy(), threshold)
         rows.append(
@@ -226,7 +248,7 @@ def fold_table(
     return pd.DataFrame(rows), tests
 
 
-def plot_fold_rocs(tests: dict[tuple[int, int], pd.DataFrame], path: Path) -> None:
+def plot_fold_rocs(tests: dict[tuple[int, int], pd.DataFrame]) -> plt.Figure:
     """Every fold's test ROC curve in one figure, one colour per outer fold."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for (root_split, nested_split), table in tests.items():
@@ -236,11 +258,10 @@ def plot_fold_rocs(tests: dict[tuple[int, int], pd.DataFrame], path: Path) -> No
     ax.plot([0, 1], [0, 1], ls=":", c="grey", label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Test ROC curve of every fold (cat)")
     ax.legend(fontsize="small")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
-def plot_forest(table: pd.DataFrame, summary: dict[str, float], path: Path) -> None:
+def plot_forest(table: pd.DataFrame, summary: dict[str, float]) -> plt.Figure:
     """Test ROC AUC per fold: nested repeats as dots, outer-fold means as squares, the mean and interval as a band."""
     outer = table.groupby("root_split")["test_roc_auc"]
     fig, ax = plt.subplots(figsize=(6, 1.5 + 0.4 * outer.ngroups))
@@ -257,8 +278,7 @@ def plot_forest(table: pd.DataFrame, summary: dict[str, float], path: Path) -> N
     ax.invert_yaxis()
     ax.set(xlabel="test ROC AUC", title="Test ROC AUC per fold")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
 def print_folds(table: pd.DataFrame) -> None:
@@ -266,70 +286,86 @@ def print_folds(table: pd.DataFrame) -> None:
     print(table.drop(columns="run_id").to_string(index=False, float_format="{:.3f}".format))
 
 
+def recheck_folds(
+    client: mlflow.MlflowClient,
+    root: mlflow.entities.Run,
+    folds: dict[tuple[int, int], mlflow.entities.Run],
+    tests: dict[tuple[int, int], pd.DataFrame],
+) -> None:
+    """Recheck every fold's logged model against its logged test scores; tag each fold run with the outcome."""
+    outcomes = {}
+    for fold, run in folds.items():
+        check, _ = recheck_model(run.info.run_id, {**root.data.params, **run.data.params}, tests[fold])
+        client.set_tag(run.info.run_id, "model_check", check.split(":")[0])
+        outcomes[fold] = check
+    identical = sum(check.startswith("identical") for check in outcomes.values())
+    print(f"Model check: {identical} of {len(outcomes)} fold models reproduce their logged test scores bit for bit")
+    for fold, check in outcomes.items():
+        if not check.startswith("identical"):
+            print(f"  fold {fold[0]}/{fold[1]}: {check}")
+
+
 def analyse(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> None:
     """Per-fold metrics, the mean test ROC AUC with its corrected interval, and figures, logged onto the root run."""
     run_id = run.info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        folds, roots = gather_folds(client, run)
-        table, tests = fold_table(client, folds, Path(tmp))
-        print(
-            f"Run {run_id}: {len(table)} completed fold(s) from {len(roots)} root run(s) with run key "
-            f"{run.data.tags['run_key']}; test metrics at each fold's threshold (fitted on its dev set)"
-        )
-        print_folds(table)
-        ratio = table["n_test"].mean() / table["n_train"].mean()
-        summary = corrected_t_interval(by_outer_fold(table, "test_roc_auc"), ratio)
-        naive = corrected_t_interval(by_outer_fold(table, "test_roc_auc"), 0.0)
-        n_outer = summary["n_outer"]
-        print(
-            f"\nTest ROC AUC over {n_outer} outer fold(s) (each the mean of its nested repeats, which share one test "
-            f"set): mean {summary['mean']:.4f}"
-            + (f", SD between outer folds {summary['sd']:.4f}" if n_outer > 1 else "")
-        )
-        if n_outer > 1:
-            print(
-                f"95% interval {summary['low']:.4f} to {summary['high']:.4f}: the corrected resampled t interval "
-                f"(Nadeau & Bengio 2003). The folds train on overlapping images, so their results are not "
-                f"independent; it widens the variance of the mean from s²/J to (1/J + n_test/n_train)·s² = "
-                f"(1/{n_outer} + {ratio:.3f})·s², with t from {n_outer - 1} degree(s) of freedom "
-                f"(t = {summary['t_quantile']:.2f}). Treating the folds as independent would give "
-                f"{naive['low']:.4f} to {naive['high']:.4f}: too narrow."
-            )
-            if summary["low"] < 0 or summary["high"] > 1:
-                print("(A ROC AUC cannot leave [0, 1]: a bound beyond it only shows how wide the interval is.)")
-        if warning := interval_warning(n_outer):
-            print(warning)
-
-        values = {
-            "test_roc_auc_mean": summary["mean"],
-            "test_roc_auc_sd": summary["sd"],
-            "test_roc_auc_ci_low": summary["low"],
-            "test_roc_auc_ci_high": summary["high"],
-            "n_outer_folds": n_outer,
-            "n_folds": len(table),
-            "test_train_ratio": ratio,
-            "dev_roc_auc_mean": np.mean([np.mean(v) for v in by_outer_fold(table, "dev_roc_auc")]),
-            **{
-                f"test_{name}_mean": np.mean([np.mean(v) for v in by_outer_fold(table, f"test_{name}")])
-                for name in ("accuracy", "balanced_accuracy", "f1")
-            },
-        }
-        # MlflowClient logs onto the finished run without reopening it (mlflow.start_run would make it RUNNING)
-        now = mlflow.utils.time.get_current_time_millis()
-        client.log_batch(
-            run_id,
-            metrics=[Metric(f"analysis_{k}", float(v), now, 0) for k, v in values.items() if math.isfinite(v)],
-            tags=[RunTag("analysis_root_runs", ",".join(sorted(r.info.run_id for r in roots)))],
-        )
-        table.to_csv(Path(tmp) / "fold_metrics.csv", index=False)
-        client.log_artifact(run_id, str(Path(tmp) / "fold_metrics.csv"), "analysis")
-        figures = [Path(tmp) / n for n in ("fold_roc_curves.png", "forest_plot.png")]
-        plot_fold_rocs(tests, figures[0])
-        plot_forest(table, summary, figures[1])
-        for figure in figures:
-            client.log_artifact(run_id, str(figure), "figures")
+    folds, roots = gather_folds(client, run)
+    table, tests = fold_table(client, folds)
     print(
-        f"Logged analysis_* metrics, analysis/fold_metrics.csv and figures/{{{','.join(f.name for f in figures)}}} "
+        f"Run {run_id}: {len(table)} completed fold(s) from {len(roots)} root run(s) with run key "
+        f"{run.data.tags['run_key']}; test metrics at each fold's threshold (fitted on its dev set)"
+    )
+    print_folds(table)
+    ratio = table["n_test"].mean() / table["n_train"].mean()
+    summary = corrected_t_interval(by_outer_fold(table, "test_roc_auc"), ratio)
+    naive = corrected_t_interval(by_outer_fold(table, "test_roc_auc"), 0.0)
+    n_outer = summary["n_outer"]
+    print(
+        f"\nTest ROC AUC over {n_outer} outer fold(s) (each the mean of its nested repeats, which share one test "
+        f"set): mean {summary['mean']:.4f}" + (f", SD between outer folds {summary['sd']:.4f}" if n_outer > 1 else "")
+    )
+    if n_outer > 1:
+        print(
+            f"95% interval {summary['low']:.4f} to {summary['high']:.4f}: the corrected resampled t interval "
+            f"(Nadeau & Bengio 2003). The folds train on overlapping images, so their results are not "
+            f"independent; it widens the variance of the mean from s²/J to (1/J + n_test/n_train)·s² = "
+            f"(1/{n_outer} + {ratio:.3f})·s², with t from {n_outer - 1} degree(s) of freedom "
+            f"(t = {summary['t_quantile']:.2f}). Treating the folds as independent would give "
+            f"{naive['low']:.4f} to {naive['high']:.4f}: too narrow."
+        )
+        if summary["low"] < 0 or summary["high"] > 1:
+            print("(A ROC AUC cannot leave [0, 1]: a bound beyond it only shows how wide the interval is.)")
+    if warning := interval_warning(n_outer):
+        print(warning)
+
+    values = {
+        "test_roc_auc_mean": summary["mean"],
+        "test_roc_auc_sd": summary["sd"],
+        "test_roc_auc_ci_low": summary["low"],
+        "test_roc_auc_ci_high": summary["high"],
+        "n_outer_folds": n_outer,
+        "n_folds": len(table),
+        "test_train_ratio": ratio,
+        "dev_roc_auc_mean": np.mean([np.mean(v) for v in by_outer_fold(table, "dev_roc_auc")]),
+        **{
+            f"test_{name}_mean": np.mean([np.mean(v) for v in by_outer_fold(table, f"test_{name}")])
+            for name in ("accuracy", "balanced_accuracy", "f1")
+        },
+    }
+    # MlflowClient logs onto the finished run without reopening it (mlflow.start_run would make it RUNNING)
+    now = mlflow.utils.time.get_current_time_millis()
+    client.log_batch(
+        run_id,
+        metrics=[Metric(f"analysis_{k}", float(v), now, 0) for k, v in values.items() if math.isfinite(v)],
+        tags=[RunTag("analysis_root_runs", ",".join(sorted(r.info.run_id for r in roots)))],
+    )
+    client.log_table(run_id, table, "analysis/fold_metrics.json")
+    figures = {"fold_roc_curves": plot_fold_rocs(tests), "forest_plot": plot_forest(table, summary)}
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, f"figures/{name}.png", save_kwargs={"dpi": 120, "bbox_inches": "tight"})
+        plt.close(figure)
+    recheck_folds(client, run, folds, tests)
+    print(
+        f"Logged analysis_* metrics, analysis/fold_metrics.json and figures/{{{','.join(figures)}}}.png "
         f"onto run {run_id}"
     )
 
@@ -357,9 +393,8 @@ def compare(client: mlflow.MlflowClient, run_a: str, run_b: str) -> None:
             f"Runs {run_a} and {run_b} completed different folds (only in the first: {only_a or 'none'}; only in "
             f"the second: {only_b or 'none'}): complete the same folds in both, then compare."
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        table_a, _ = fold_table(client, gathered[0], Path(tmp) / "a")
-        table_b, _ = fold_table(client, gathered[1], Path(tmp) / "b")
+    table_a, _ = fold_table(client, gathered[0])
+    table_b, _ = fold_table(client, gathered[1])
     table = table_a.merge(table_b, on=["root_split", "nested_split"], suffixes=("_a", "_b"))
     table["difference"] = table["test_roc_auc_a"] - table["test_roc_auc_b"]
     ratio = (table["n_test_a"].mean() + table["n_test_b"].mean()) / (

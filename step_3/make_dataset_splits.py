@@ -19,9 +19,10 @@ import hashlib
 import time
 from pathlib import Path
 
+from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
 from provenance import dataset_digest
 from splits import make_splits, write_splits
-from train import QUICK, dataset_folder, drop_undecodable, read_annotations, warn_if_standin
+from train import QUICK, int_in
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,9 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--data-dir", type=Path, default=Path("data/oxfordiii"), help="dataset root")
-    parser.add_argument("--k-root", type=int, default=10, help="outer folds: each holds out one test set")
-    parser.add_argument("--k-nested", type=int, default=10, help="nested folds of each outer fold: one dev set each")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    parser.add_argument("--k-root", type=int_in(2), default=10, help="outer folds: each holds out one test set")
+    parser.add_argument(
+        "--k-nested", type=int_in(2), default=10, help="nested folds of each outer fold: one dev set each"
+    )
+    parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the fold assignment")
     parser.add_argument("--output", type=Path, help="the split file (default: DATA_DIR/dataset_splits.json)")
     return parser.parse_args(argv)
 

@@ -1,47 +1,40 @@
 """Step 3 — nested cross-validation from an external split file, with statistics across folds.
 
-Descends from step 2 (`diff -u step_2/train.py step_3/train.py`) and fixes its flaw 4, "one random split":
-a test ROC AUC from one split says little about how much the result depends on which images happened to land
-in the test set. Here the splits come from a file made once by make_dataset_splits.py (nested stratified
-k-fold: outer folds hold out a test set, inner folds a dev set), validated whenever it is loaded, and every
-chosen fold is trained and evaluated. analyze_predictions.py turns the folds into a mean with a 95% interval.
+What it does: ImageNet-pretrained DenseNet-121 with a new head (Linear → ReLU → Dropout → Linear to one logit).
+Warm-up: only the head trains, on unaugmented images; the backbone is frozen and in eval mode (its BatchNorm
+statistics do not move). Fine-tuning: all layers, a smaller learning rate, AutoAugment. Early stopping on dev
+ROC AUC keeps the best model; the decision threshold is fitted on dev (Youden's J).
 
-MLflow (experiment `step_3`): one root run → one run per fold (tags `root_split_id`, `nested_split_id`) →
-phase runs (`warmup`, `finetune`). Resume is explicit: the root and fold runs carry a run key (a hash of the
-split file, seed and settings); the same command again reopens the root run with that key and skips every fold
-whose completion tag is there. Runs left RUNNING by a dead process on this host are marked KILLED first.
-
-Still open: hand-picked hyper-parameters (step 4), hard-coded settings (step 5).
+This step fixes step 2's flaw 4, one random split: a test ROC AUC from one split says little about how much the
+result depends on which images landed in the test set. The folds come from a split file made once by
+make_dataset_splits.py (nested stratified k-fold: outer folds hold out a test set, inner folds a dev set),
+validated whenever it is loaded (splits.py), and every chosen fold is trained and evaluated in its own MLflow
+run under one root run. analyze_predictions.py turns the folds into a mean with a 95% interval. The same command
+again resumes (resume.py): completed folds are skipped. Still open: hand-picked hyper-parameters (step 4),
+hard-coded settings (5).
 
 Run from the repository root:
 
-    python step_1/download_data.py --synthetic             # (or without --synthetic: the real data)
-    python step_3/make_dataset_splits.py                   # data/oxfordiii/dataset_splits.json, 10 x 10 folds
-    python step_3/train.py --quick                         # the first 2 x 2 folds at smoke size on a CPU
-    python step_3/train.py --n-root-splits all --n-nested-splits all   # every fold (GPU)
-    python step_3/train.py --root-split 3 --nested-split 0 # one fold, e.g. one job of a job array
-    python step_3/analyze_predictions.py                   # per-fold metrics, mean and 95% interval
+    python step_1/download_data.py --synthetic  # the offline stand-in (without --synthetic: the real data)
+    python step_3/make_dataset_splits.py        # data/oxfordiii/dataset_splits.json, 10 x 10 folds, made once
+    python step_3/train.py                      # the first 2 x 2 folds; DenseNet-121 at 224 px: use a GPU
+    python step_3/train.py --quick              # same code path at smoke size on a CPU (~1 min on 2 cores)
+    python step_3/train.py --root-split 3 --nested-split 0   # one fold, e.g. one job of a job array
+    python step_3/analyze_predictions.py        # per-fold metrics, mean and 95% interval
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import copy
 import os
 import random
-import signal
-import socket
 import sys
-import tempfile
-import threading
 import time
 import urllib.error
-import warnings
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -49,8 +42,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision
-from mlflow.entities import Metric
-from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -58,7 +49,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from provenance import log_provenance
+import resume
+import runs
+from pets import dataset_folder, drop_undecodable, load_image, read_annotations, warn_if_standin
+from provenance import log_image_lists, log_provenance, nondeterminism_reported
 from splits import load_splits
 
 
@@ -102,20 +96,17 @@ FULL = Settings(
 # --quick: the same code path at smoke size for a CPU. A small backbone without pretrained weights (nothing to
 # download), 64 px images and a capped subset make one training take seconds; the learning rates are larger
 # because a network trained from scratch has nothing to protect.
-QUICK = Settings(
+QUICK = replace(
+    FULL,
     backbone="resnet18",
     pretrained=False,
     image_size=64,
     max_images=600,
-    batch_size=32,
     warmup_epochs=2,
-    warmup_lr=1e-3,
     finetune_epochs=3,
     finetune_lr=1e-3,
     patience=2,
-    weight_decay=1e-4,
     head_hidden=64,
-    dropout=0.2,
 )
 
 QUICK_SHARES = {"train": 0.70, "dev": 0.15, "test": 0.15}  # --quick: how max_images is shared by a fold's parts
@@ -123,18 +114,13 @@ EXPERIMENT = "step_3"  # one MLflow experiment per step
 DEFAULT_SEED = 0  # any fixed value works; what matters is that it is fixed and logged
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation the ImageNet weights expect
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STANDIN_MARKER = "SYNTHETIC.json"  # written by download_data.py --synthetic
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Device
 def pick_device(name: str) -> torch.device:
     """Return the requested device; `auto` takes CUDA, then Apple MPS, then the CPU."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-        "cpu": True,
-    }
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
     if not available[name]:
@@ -158,7 +144,7 @@ def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
     # warn_only: an op without a deterministic implementation on this device warns instead of stopping the run;
-    # main() reports those ops and tags the run, because such a run is not bit-for-bit reproducible.
+    # the run reports those ops and is tagged, because such a run is not bit-for-bit reproducible.
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling new tensors costs time, adds nothing
 
@@ -169,125 +155,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Stopping cleanly: Ctrl-C, `timeout`, `kill` and SLURM signal the whole process group. The handler only sets
-# a flag; the training loop checks it after every batch and raises, so every MLflow run is closed as KILLED.
-# (A handler that raises by itself can fire inside MLflow or DataLoader code and leave runs RUNNING.)
-STOP_REQUESTED = threading.Event()
-
-
-class StopRequested(Exception):
-    """Raised by the training loop once a stop signal has arrived."""
-
-
-def request_stop(signum: int, _frame: object) -> None:
-    """Signal handler: remember the request; a second Ctrl-C interrupts at once."""
-    STOP_REQUESTED.set()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"\n{signal.Signals(signum).name} received: stopping after this batch", file=sys.stderr, flush=True)
-
-
-def check_stop() -> None:
-    """Raise StopRequested if a stop signal has arrived."""
-    if STOP_REQUESTED.is_set():
-        raise StopRequested("stopped by a signal")
-
-
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader worker start-up: leave SIGINT and SIGTERM to the main process, which shuts workers down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-@contextmanager
-def tracked_run(**kwargs: object) -> Iterator[mlflow.ActiveRun]:
-    """`mlflow.start_run`, but a run stopped by a signal ends KILLED rather than FAILED."""
-    with mlflow.start_run(**kwargs) as run:
-        try:
-            yield run
-        except (StopRequested, KeyboardInterrupt):
-            mlflow.end_run("KILLED")
-            raise
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Data
-def dataset_folder(data_dir: Path) -> Path:
-    """Return the `oxford-iiit-pet` folder inside data_dir, or stop with a clear message."""
-    folder = data_dir / "oxford-iiit-pet"
-    if not (folder / "annotations" / "list.txt").is_file():
-        raise SystemExit(
-            f"No dataset in {folder} (annotations/list.txt is missing): run "
-            f"`python step_1/download_data.py --data-dir {data_dir}` (add --synthetic offline)."
-        )
-    return folder
-
-
-def warn_if_standin(folder: Path) -> bool:
-    """Say loudly when the data is the synthetic stand-in; return whether it is."""
-    if not (folder / STANDIN_MARKER).exists():
-        return False
-    bar = "!" * 100
-    print(
-        f"{bar}\n!! {folder} is the SYNTHETIC STAND-IN, not the Oxford-IIIT Pet data. Its results say nothing "
-        f"about real pets.\n{bar}",
-        flush=True,
-    )
-    return True
-
-
-def read_annotations(folder: Path) -> tuple[list[Path], np.ndarray]:
-    """Read annotations/list.txt: image paths and labels from the species column (1 = cat, the positive class)."""
-    paths, labels = [], []
-    for line in (folder / "annotations" / "list.txt").read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name, _class_id, species, _breed_id = line.split()
-        paths.append(folder / "images" / f"{name}.jpg")
-        labels.append(1 if species == "1" else 0)
-    return paths, np.array(labels)
-
-
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Decode an image file to a 3×size×size uint8 tensor, whatever its real format or colour mode.
-
-    PIL rather than torchvision.io: torchvision's decoders are deprecated since 0.29, and PIL's `draft` lets
-    libjpeg decode a JPEG directly at 1/2, 1/4 or 1/8 scale, which makes small images several times cheaper.
-    PIL also reads the PNG and GIF files named .jpg and the grayscale and CMYK JPEGs of the real archive.
-    """
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))  # only JPEGs use it; it never goes below the requested size
-        rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
-
-
-def is_decodable(path: Path, size: int) -> bool:
-    """Whether the whole file decodes (a header check would miss truncated JPEGs)."""
-    try:
-        load_image(path, size)
-    except (OSError, ValueError, SyntaxError):
-        return False
-    return True
-
-
-def drop_undecodable(paths: list[Path], labels: np.ndarray, size: int) -> tuple[list[Path], np.ndarray]:
-    """Exclude the files that do not decode, before any split, and list them once."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # PIL releases the GIL while decoding
-        ok = list(
-            tqdm(
-                pool.map(lambda p: is_decodable(p, size), paths),
-                total=len(paths),
-                desc="checking images",
-                unit="img",
-                leave=False,
-            )
-        )
-    bad = [p.name for p, good in zip(paths, ok, strict=True) if not good]
-    if bad:
-        print(f"Excluded {len(bad)} undecodable file(s): {', '.join(bad)}")
-    keep = np.flatnonzero(ok)
-    return [paths[i] for i in keep], labels[keep]
-
-
 def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
     """Indices of a seeded class-stratified subset of at most max_images images (all of them if None)."""
     indices = np.arange(len(labels))
@@ -316,7 +184,7 @@ def choose_folds(splits: dict, args: argparse.Namespace) -> list[tuple[int, int]
     if (args.root_split is None) != (args.nested_split is None):
         raise SystemExit("--root-split and --nested-split go together: give both to run one fold, or neither.")
     if args.root_split is not None:
-        if not (0 <= args.root_split < k_root and 0 <= args.nested_split < k_nested):
+        if not (args.root_split < k_root and args.nested_split < k_nested):
             raise SystemExit(
                 f"Fold ({args.root_split}, {args.nested_split}) is not in {splits['path']}, which has "
                 f"{k_root} root x {k_nested} nested splits (numbered from 0)."
@@ -370,7 +238,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=runs.ignore_stop_signals,
     )
 
 
@@ -430,19 +298,9 @@ def train_one_epoch(
         total += loss.item() * len(labels)
         count += len(labels)
         losses.append(loss.item())
-        check_stop()
-    log_step_losses(losses, first_step=(epoch - 1) * len(loader))
+        runs.check_stop()
+    runs.log_step_losses(losses, first_step=(epoch - 1) * len(loader))
     return total / count
-
-
-def log_step_losses(losses: list[float], first_step: int) -> None:
-    """Log the training loss of every step of an epoch to the active run, in one batched write.
-
-    One store round trip per epoch instead of one per step: the training loop never waits for the store.
-    """
-    now = int(time.time() * 1000)
-    metrics = [Metric("train_loss", loss, now, first_step + i) for i, loss in enumerate(losses)]
-    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
 
 
 @torch.no_grad()
@@ -452,7 +310,7 @@ def predict(model: PetClassifier, loader: DataLoader, device: torch.device) -> t
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     scores, total = [], 0.0
     for images, labels in loader:
-        check_stop()
+        runs.check_stop()
         logits = model(images.to(device, non_blocking=True))
         total += loss_fn(logits, labels.to(device, non_blocking=True)).item()
         scores.append(torch.sigmoid(logits).cpu().numpy())
@@ -511,21 +369,13 @@ def fit(model: PetClassifier, loaders: dict[str, DataLoader], settings: Settings
     head_optimizer = torch.optim.AdamW(
         model.head.parameters(), lr=settings.warmup_lr, weight_decay=settings.weight_decay
     )
-    with tracked_run(run_name="warmup", nested=True, tags={"run_level": "phase", "phase": "warmup"}):
+    warmup, n = {**loaders, "train": loaders["warmup"]}, settings.warmup_epochs  # no early stop in the warm-up
+    with runs.tracked_run(run_name="warmup", nested=True, tags={"run_level": "phase", "phase": "warmup"}):
         mlflow.log_params({"lr": settings.warmup_lr, "max_epochs": settings.warmup_epochs, "trainable": "head"})
-        train_phase(
-            "warmup",
-            model,
-            {**loaders, "train": loaders["warmup"]},
-            head_optimizer,
-            settings.warmup_epochs,
-            settings.warmup_epochs,
-            device,
-            best,
-        )
+        train_phase("warmup", model, warmup, head_optimizer, n, n, device, best)
     model.backbone.requires_grad_(True)
     all_optimizer = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr, weight_decay=settings.weight_decay)
-    with tracked_run(run_name="finetune", nested=True, tags={"run_level": "phase", "phase": "finetune"}):
+    with runs.tracked_run(run_name="finetune", nested=True, tags={"run_level": "phase", "phase": "finetune"}):
         mlflow.log_params({"lr": settings.finetune_lr, "max_epochs": settings.finetune_epochs, "trainable": "all"})
         train_phase(
             "finetune", model, loaders, all_optimizer, settings.finetune_epochs, settings.patience, device, best
@@ -533,69 +383,85 @@ def fit(model: PetClassifier, loaders: dict[str, DataLoader], settings: Settings
     return best
 
 
-def save_predictions(path: Path, paths: list[Path], labels: np.ndarray, scores: np.ndarray) -> None:
-    """Write one row per image: file name, label (1 = cat) and predicted cat probability."""
-    pd.DataFrame({"file": [p.name for p in paths], "label": labels, "score": scores}).to_csv(path, index=False)
+def predictions_table(paths: list[Path], labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """One row per image: file name, label (1 = cat) and predicted cat probability."""
+    return pd.DataFrame({"file": [p.name for p in paths], "label": labels, "score": scores})
+
+
+def log_outputs(model: PetClassifier, loaders: dict[str, DataLoader], scores: dict) -> None:
+    """Prediction tables and the kept model, as an MLflow model that loads without this code, on the active run."""
+    for name in ("dev", "test"):
+        table = predictions_table(loaders[name].dataset.paths, loaders[name].dataset.labels, scores[name])
+        # CSV keeps every bit of the scores; log_table's JSON keeps 10 decimals, too few for a bit-for-bit check
+        mlflow.log_text(table.to_csv(index=False), f"predictions/{name}_predictions.csv")
+    example = torch.stack([loaders["test"].dataset[i][0] for i in range(2)])
+    mlflow.pytorch.log_model(  # serialised with torch.export: no pickle, no PetClassifier needed to load it
+        copy.deepcopy(model).cpu().eval(),
+        name="model",
+        input_example=example.numpy(),  # also gives the signature the UI shows
+        pip_requirements=[f"torch=={version('torch')}"],  # inferring them instead costs seconds per run
+    )
+
+
+def train_and_evaluate(
+    paths: list[Path],
+    labels: np.ndarray,
+    split: dict[str, np.ndarray],
+    settings: Settings,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict:
+    """Train on the split's train images, early-stop and fit the threshold on dev, evaluate once on test."""
+
+    def subset(part: str, augment: bool) -> PetImages:
+        return PetImages([paths[i] for i in split[part]], labels[split[part]], settings.image_size, augment, args.seed)
+
+    loaders = {
+        name: make_loader(subset(part, augment), settings.batch_size, shuffle, args.num_workers, device, args.seed)
+        for name, part, augment, shuffle in (
+            ("warmup", "train", False, True),  # the frozen warm-up sees the images unaugmented
+            ("train", "train", True, True),
+            ("dev", "dev", False, False),
+            ("test", "test", False, False),
+        )
+    }
+    log_image_lists({name: loader.dataset.paths for name, loader in loaders.items()})
+    model = build_model(settings).to(device)
+    with nondeterminism_reported(device):
+        best = fit(model, loaders, settings, device)
+        scores = {name: predict(model, loaders[name], device)[0] for name in ("dev", "test")}
+    results = {
+        "threshold": fit_threshold(loaders["dev"].dataset.labels, scores["dev"]),
+        "dev_roc_auc": best["dev_roc_auc"],
+        "test_roc_auc": roc_auc_score(loaders["test"].dataset.labels, scores["test"]),
+        "best_phase": best["phase"],
+        "best_epoch": best["epoch"],
+    }
+    mlflow.log_metrics({key: results[key] for key in ("dev_roc_auc", "test_roc_auc", "threshold")})
+    mlflow.set_tags({"best_phase": best["phase"], "best_epoch": str(best["epoch"])})
+    log_outputs(model, loaders, scores)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Resume: find the work already done, through MLflow alone
-def run_key(*parts: object) -> str:
-    """A short hash of everything that decides a run's results (split file, seed, settings)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from low to high, so a bad value is one sentence that names the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{value} is out of range: give a whole number from {low}"
+                + (f" to {high}" if high is not None else " up")
+            )
+        return value
+
+    return parse
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
-
-
-def sweep_dead_runs(client: mlflow.MlflowClient, experiment_id: str) -> list[str]:
-    """Mark KILLED the RUNNING runs whose process (tags host, pid; children inherit their parent's) is dead.
-
-    Only processes on this host can be checked; a run of a live process, or of another host, is left alone.
-    """
-    running = {r.info.run_id: r for r in client.search_runs([experiment_id], "attributes.status = 'RUNNING'")}
-    killed = []
-    for run_id, run in running.items():
-        owner = run
-        while "pid" not in owner.data.tags and owner.data.tags.get("mlflow.parentRunId"):
-            owner = client.get_run(owner.data.tags["mlflow.parentRunId"])
-        tags = owner.data.tags
-        if tags.get("host") == socket.gethostname() and "pid" in tags and not pid_alive(int(tags["pid"])):
-            client.set_terminated(run_id, "KILLED")
-            killed.append(run_id)
-    if killed:
-        print(f"Marked KILLED {len(killed)} run(s) left RUNNING by a process that no longer exists")
-    return killed
-
-
-def completed_folds(client: mlflow.MlflowClient, experiment_id: str, key: str) -> set[tuple[int, int]]:
-    """Folds of this run key whose completion tag is there (a FINISHED status alone proves nothing)."""
-    runs = client.search_runs(
-        [experiment_id], f"tags.run_level = 'fold' AND tags.run_key = '{key}' AND tags.fold_complete = 'true'"
-    )
-    return {(int(r.data.tags["root_split_id"]), int(r.data.tags["nested_split_id"])) for r in runs}
-
-
-def find_root_run(client: mlflow.MlflowClient, experiment_id: str, key: str) -> str | None:
-    """The id of the latest root run with this run key, if any."""
-    runs = client.search_runs(
-        [experiment_id],
-        f"tags.run_level = 'root' AND tags.run_key = '{key}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
-# ----------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags (everything else is hard-coded above, and logged)."""
     parser = argparse.ArgumentParser(
@@ -615,11 +481,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--num-workers",
-        type=int,
+        type=int_in(0),
         help="DataLoader worker processes; when not given, 0 on a CPU (workers would compete with the model for "
         "the cores) and 4 on a GPU (it needs images faster than one process decodes them)",
     )
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the split, weights and augmentation")
+    parser.add_argument(
+        "--seed", type=int_in(0, 2**32 - 1), default=DEFAULT_SEED, help="seed of the split, weights and augmentation"
+    )
     parser.add_argument(
         "--deterministic",
         action=argparse.BooleanOptionalAction,
@@ -627,64 +495,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="deterministic algorithms only (bit-for-bit reruns; on a GPU somewhat slower)",
     )
     parser.add_argument(
-        "--num-threads", type=int, default=os.cpu_count(), help="torch CPU threads (another count, other bits)"
+        "--num-threads", type=int_in(1), default=os.cpu_count(), help="torch CPU threads (another count, other bits)"
     )
     parser.add_argument(
         "--split-file", type=Path, help="from make_dataset_splits.py (default: DATA_DIR/dataset_splits.json)"
     )
     parser.add_argument("--n-root-splits", default="2", help="run the first N outer folds ('all': every one)")
     parser.add_argument("--n-nested-splits", default="2", help="and in each, the first N inner folds ('all')")
-    parser.add_argument("--root-split", type=int, help="run only this outer fold (with --nested-split)")
-    parser.add_argument("--nested-split", type=int, help="run only this inner fold (with --root-split)")
+    parser.add_argument("--root-split", type=int_in(0), help="run only this outer fold (with --nested-split)")
+    parser.add_argument("--nested-split", type=int_in(0), help="run only this inner fold (with --root-split)")
     return parser.parse_args(argv)
-
-
-def log_outputs(model: PetClassifier, loaders: dict[str, DataLoader], scores: dict[str, np.ndarray]) -> None:
-    """Prediction tables and the kept model's weights as artifacts of the active run (no file outside MLflow)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("dev", "test"):
-            path = Path(tmp) / f"{name}_predictions.csv"
-            save_predictions(path, loaders[name].dataset.paths, loaders[name].dataset.labels, scores[name])
-            mlflow.log_artifact(str(path), "predictions")
-        torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
-        mlflow.log_artifact(str(Path(tmp) / "state_dict.pt"), "model")
 
 
 def run_fold(
     fold: tuple[int, int], splits: dict, settings: Settings, args: argparse.Namespace, device: torch.device, key: str
-) -> float:
+) -> dict:
     """Train and evaluate one fold in its own MLflow run; its completion tag is the last thing written."""
     root_split, nested_split = fold
     # Every fold starts from the same seeded state, so its result does not depend on which folds ran before it
     # in this process: a resumed experiment gives the same per-fold numbers as an uninterrupted one.
     seed_everything(args.seed, args.deterministic, args.num_threads)
     parts = fold_indices(splits, root_split, nested_split, settings.max_images, args.seed)
-    files, labels = splits["files"], splits["labels"]
-    loaders = {
-        name: make_loader(
-            PetImages([files[i] for i in parts[part]], labels[parts[part]], settings.image_size, augment, args.seed),
-            settings.batch_size,
-            shuffle,
-            args.num_workers,
-            device,
-            args.seed,
-        )
-        for name, part, augment, shuffle in (
-            ("warmup", "train", False, True),
-            ("train", "train", True, True),
-            ("dev", "dev", False, False),
-            ("test", "test", False, False),
-        )
-    }
-    tags = {
-        "run_level": "fold",
-        "root_split_id": str(root_split),
-        "nested_split_id": str(nested_split),
-        "run_key": key,
-        "host": socket.gethostname(),
-        "pid": str(os.getpid()),
-    }
-    with tracked_run(run_name=f"fold-{root_split}-{nested_split}", nested=True, tags=tags):
+    tags = {"run_level": "fold", "root_split_id": str(root_split), "nested_split_id": str(nested_split)}
+    with runs.tracked_run(run_name=f"fold-{root_split}-{nested_split}", nested=True, tags=tags):
+        mlflow.set_tags({"run_key": key, **resume.owner_tags()})
         mlflow.log_params(
             {
                 "seed": args.seed,
@@ -693,30 +527,13 @@ def run_fold(
                 **{f"n_{name}": len(parts[name]) for name in ("train", "dev", "test")},
             }
         )
-        model = build_model(settings).to(device)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.filterwarnings("always", message=".*does not have a deterministic implementation.*")
-            best = fit(model, loaders, settings, device)
-            scores = {name: predict(model, loaders[name], device)[0] for name in ("dev", "test")}
-        nondeterministic = sorted(
-            {str(w.message).split(" does not")[0] for w in caught if "deterministic implementation" in str(w.message)}
-        )
-        if nondeterministic:
-            print(
-                f"Not bit-for-bit reproducible on {device}: no deterministic kernel for {', '.join(nondeterministic)}",
-                file=sys.stderr,
-            )
-            mlflow.set_tag("nondeterministic_ops", ", ".join(nondeterministic))
-        threshold = fit_threshold(loaders["dev"].dataset.labels, scores["dev"])
-        test_auc = roc_auc_score(loaders["test"].dataset.labels, scores["test"])
-        mlflow.log_metrics({"dev_roc_auc": best["dev_roc_auc"], "test_roc_auc": test_auc, "threshold": threshold})
-        mlflow.set_tags({"best_phase": best["phase"], "best_epoch": str(best["epoch"])})
-        log_outputs(model, loaders, scores)
+        results = train_and_evaluate(splits["files"], splits["labels"], parts, settings, args, device)
         mlflow.set_tag("fold_complete", "true")  # the last action: FINISHED alone does not prove completion
     print(
-        f"fold {root_split}/{nested_split} complete: dev ROC AUC {best['dev_roc_auc']:.3f}, test ROC AUC {test_auc:.3f}"
+        f"fold {root_split}/{nested_split} complete: dev ROC AUC {results['dev_roc_auc']:.3f}, "
+        f"test ROC AUC {results['test_roc_auc']:.3f}"
     )
-    return test_auc
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -727,8 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_workers is None:
         args.num_workers = 0 if device.type == "cpu" else 4
     seed_everything(args.seed, args.deterministic, args.num_threads)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, request_stop)
+    runs.install_stop_handlers()  # Ctrl-C and SIGTERM end the runs KILLED instead of leaving them RUNNING
     started = time.perf_counter()
 
     folder = dataset_folder(args.data_dir)
@@ -744,27 +560,15 @@ def main(argv: list[str] | None = None) -> None:
     labels_by_file = {p.relative_to(folder).as_posix(): int(y) for p, y in zip(paths, labels, strict=True)}
     splits = load_splits(split_file, folder, labels_by_file)  # stops with one sentence on a leaking or stale file
     folds = choose_folds(splits, args)
-    key = run_key(splits["digest"], args.seed, args.deterministic, asdict(settings))
+    key = resume.run_key(splits["digest"], args.seed, args.deterministic, asdict(settings))
     print(f"{len(folds)} fold(s) of {split_file} | {settings.backbone} at {settings.image_size} px on {device}")
 
-    experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
-    client = mlflow.MlflowClient()
-    sweep_dead_runs(client, experiment_id)
-    done = completed_folds(client, experiment_id, key)
-    root_id = find_root_run(client, experiment_id, key)
+    experiment_id = runs.use_experiment(EXPERIMENT)
+    done = resume.completed_folds(experiment_id, key)
     try:
-        with tracked_run(run_id=root_id, run_name=f"{settings.backbone}-seed{args.seed}") as root:
-            print(f"MLflow run {'reopened' if root_id else 'started'}: {root.info.run_id} (experiment {EXPERIMENT})")
-            mlflow.set_tags({"host": socket.gethostname(), "pid": str(os.getpid())})
-            if root_id is None:  # a new root: record what defines it once (params cannot change later)
-                mlflow.set_tags(
-                    {
-                        "run_level": "root",
-                        "run_key": key,
-                        "split_file": str(split_file),
-                        "split_file_digest": splits["digest"],
-                    }
-                )
+        with resume.root_run(experiment_id, key, run_name=f"{settings.backbone}-seed{args.seed}") as (root, new):
+            if new:  # record what defines the root once (a param cannot change later)
+                mlflow.set_tags({"split_file": str(split_file), "split_file_digest": splits["digest"]})
                 mlflow.log_params(
                     {
                         **asdict(settings),
@@ -777,14 +581,8 @@ def main(argv: list[str] | None = None) -> None:
                         "k_nested": len(splits["root_splits"][0]["nested"]),
                     }
                 )
-                log_provenance(
-                    Path(__file__).resolve().parent,
-                    device,
-                    folder,
-                    splits["files"],
-                    is_standin,
-                    digest=splits["meta"]["dataset_digest"],  # load_splits just checked it against the data
-                )
+                digest = splits["meta"]["dataset_digest"]  # load_splits just checked it against the data
+                log_provenance(Path(__file__).resolve().parent, device, folder, splits["files"], is_standin, digest)
                 mlflow.log_artifact(str(split_file), "splits")
             for fold in folds:
                 if fold in done:
@@ -792,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 run_fold(fold, splits, settings, args, device, key)
             mlflow.set_tag("run_complete", "true")  # every fold this command asked for is complete
-    except StopRequested:
+    except runs.StopRequested:
         raise SystemExit(
             f"Stopped by a signal: run {root.info.run_id} and its open fold and phase runs were marked KILLED; "
             "the same command resumes, skipping the completed folds."
@@ -800,10 +598,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{len(folds)} fold(s) complete in {time.perf_counter() - started:.0f} s")
     print(f"Tracking URI: {mlflow.get_tracking_uri()}\nRoot run: {root.info.run_id}")
-    print(
-        "View it: `mlflow ui` from this directory (or with --backend-store-uri set to the tracking URI), then "
-        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{root.info.run_id}"
-    )
+    print(f"View it: `mlflow ui` from this directory, then {runs.ui_link(experiment_id, root.info.run_id)}")
     print(f"Next: {Path(sys.executable).name} step_3/analyze_predictions.py")
 
 

@@ -18,7 +18,8 @@ def run_script(
     script: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess:
     """Run `python <script> <args>` from `cwd` as the README does; fail the test with its output if it fails."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # each test has its own store
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(REPO / script), *args],
         cwd=cwd,
@@ -35,12 +36,28 @@ def run_script(
     return proc
 
 
+STEP_LOCAL = ("pets", "runs", "provenance", "splits", "resume", "train", "analyze_predictions", "make_dataset_splits")
+
+
 def load_step_module(step: str, name: str):
-    """Import step_N/<name>.py as a module (the step folders are not packages)."""
-    spec = importlib.util.spec_from_file_location(f"{step}_{name}", REPO / step / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and pickle look the module up by name
-    spec.loader.exec_module(module)
+    """Import step_N/<name>.py as the module `step_N_<name>`, with that step's own copies of its helper modules.
+
+    The step folders are not packages and their helper modules share names (every step has its own `pets.py`),
+    so each load imports them afresh from the step's folder and leaves sys.path and sys.modules as they were.
+    """
+    saved_path, saved = list(sys.path), {m: sys.modules.pop(m) for m in STEP_LOCAL if m in sys.modules}
+    sys.path.insert(0, str(REPO / step))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{step}_{name}", REPO / step / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses and pickle look the module up by name
+        spec.loader.exec_module(module)
+    finally:
+        for local in STEP_LOCAL:
+            if local in sys.modules:
+                sys.modules.setdefault(f"{step}_{local}", sys.modules.pop(local))
+        sys.modules.update(saved)
+        sys.path[:] = saved_path
     return module
 
 

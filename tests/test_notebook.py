@@ -26,15 +26,15 @@ from nbclient.exceptions import CellExecutionError
 
 NOTEBOOK = REPO / "run_on_colab.ipynb"
 # The steps the headless run asks for; those whose folder exists run (about 20-60 s each on 2 busy cores).
-NOTEBOOK_STEPS = "1,2"
+NOTEBOOK_STEPS = "1,2,3"
 N_IMAGES = 120  # stand-in size for the headless runs
 REPO_URL = "https://github.com/reproai/reproai.git"  # what the notebook clones on Colab (and the badge points to)
 PY = sys.executable  # the kernel runs this interpreter, so the notebook's commands start with it
 
 
 def copy_checkout(dest: Path) -> Path:
-    """What a fresh clone holds (step folders, requirements, the notebook): no data, runs or results."""
-    for folder in sorted(REPO.glob("step_*")):
+    """What a fresh clone holds (step folders, scripts, requirements, the notebook): no data, runs or results."""
+    for folder in [*sorted(REPO.glob("step_*")), REPO / "scripts"]:
         shutil.copytree(folder, dest / folder.name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("requirements.txt", "requirements-dev.txt", "requirements.lock", NOTEBOOK.name):
         shutil.copy2(REPO / name, dest / name)

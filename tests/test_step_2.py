@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -32,25 +35,38 @@ def root_run_id(stdout: str) -> str:
     return next(line.split()[-1] for line in stdout.splitlines() if line.startswith("Root run:"))
 
 
-def run_outputs(client: mlflow.MlflowClient, run_id: str, tmp: Path) -> dict:
+def load_model(client: mlflow.MlflowClient, run_id: str) -> torch.nn.Module:
+    """The MLflow model logged on a run, loaded as a user would (`runs:/<run id>/model`)."""
+    mlflow.set_tracking_uri(client.tracking_uri)  # also sets MLFLOW_TRACKING_URI, which subprocesses inherit ...
+    try:
+        return mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(None)  # ... so unset both: the next script must log to its own working directory
+
+
+def run_outputs(client: mlflow.MlflowClient, run_id: str) -> dict:
     """What a user compares between runs: metrics, prediction tables and weights, read back through MLflow."""
-    folder = Path(client.download_artifacts(run_id, "", str(tmp / run_id)))
+    run = client.get_run(run_id)
+    folder = Path(client.download_artifacts(run_id, "predictions", tempfile.mkdtemp()))
+    tables = {n: pd.read_csv(folder / f"{n}_predictions.csv") for n in ("dev", "test")}
     return {
-        "metrics": {k: v for k, v in client.get_run(run_id).data.metrics.items() if not k.startswith("analysis_")},
-        "tables": {n: pd.read_csv(folder / "predictions" / f"{n}_predictions.csv") for n in ("dev", "test")},
-        "state": torch.load(folder / "model" / "state_dict.pt", weights_only=True),
+        "metrics": {k: v for k, v in run.data.metrics.items() if not k.startswith("analysis_")},
+        "tables": tables,
+        "state": load_model(client, run_id).state_dict(),
     }
 
 
 @pytest.fixture(scope="module")
 def runs(make_standin, tmp_path_factory) -> dict:
-    """Three quick runs in one store: seed 0 with 0 workers, seed 0 with 2 workers, seed 1; then analyze."""
+    """Four quick runs in one store: seed 0 with 0 workers, with 2 workers, with 1 thread; seed 1; then analyze."""
     data_dir, cwd = make_standin(N_SMALL), tmp_path_factory.mktemp("step2")
     ids = {}
-    for name, seed, workers in (("a", "0", "0"), ("b", "0", "2"), ("c", "1", "0")):
+    for name, seed, workers, threads in (("a", "0", "0", "2"), ("b", "0", "2", "2"), ("d", "0", "0", "1"),
+                                         ("c", "1", "0", "2")):  # fmt: skip
         proc = run_script(
-            "step_2/train.py", "--quick", "--data-dir", str(data_dir), "--seed", seed, "--num-workers", workers, cwd=cwd
-        )
+            "step_2/train.py", "--quick", "--data-dir", str(data_dir), "--seed", seed, "--num-workers", workers,
+            "--num-threads", threads, cwd=cwd,
+        )  # fmt: skip
         ids[name] = root_run_id(proc.stdout)
         ids[f"{name}_stdout"] = proc.stdout
     analyzed = run_script("step_2/analyze_predictions.py", "--run-id", ids["a"], cwd=cwd)
@@ -76,14 +92,15 @@ def test_run_tree_params_metrics_artifacts_and_tags(runs):
     assert int(params["n_train"]) + int(params["n_dev"]) + int(params["n_test"]) == N_SMALL - 1  # one truncated
     assert {"dev_roc_auc", "test_roc_auc", "threshold"} <= set(root.data.metrics)
     artifacts = {
-        a.path for folder in ("predictions", "model", "provenance") for a in client.list_artifacts(root_id, folder)
+        a.path for folder in ("predictions", "provenance", "data") for a in client.list_artifacts(root_id, folder)
     }
     assert {
         "predictions/dev_predictions.csv",
         "predictions/test_predictions.csv",
-        "model/state_dict.pt",
         "provenance/installed_distributions.txt",
+        "data/images.json",
     } <= artifacts
+    assert client.get_experiment(root.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     tags = root.data.tags
     assert tags["dataset_synthetic"] == "true" and len(tags["dataset_digest"]) == 64
     assert tags["env.torch"] == torch.__version__ and tags["env.torch_threads"] == str(os.cpu_count())
@@ -95,12 +112,13 @@ def test_run_tree_params_metrics_artifacts_and_tags(runs):
 def test_printout_names_store_run_and_ui(runs):
     out = runs["ids"]["a_stdout"]
     assert f"Root run: {runs['ids']['a']}" in out and "Tracking URI: sqlite:///" in out and "mlflow ui" in out
+    assert f"/runs/{runs['ids']['a']}?workflowType=machine_learning" in out  # the UI's model-training view
     assert "SYNTHETIC STAND-IN" in out
 
 
-def test_same_seed_is_bit_identical_whatever_the_worker_count(runs, tmp_path):
-    a = run_outputs(runs["client"], runs["ids"]["a"], tmp_path)
-    b = run_outputs(runs["client"], runs["ids"]["b"], tmp_path)
+def test_same_seed_is_bit_identical_whatever_the_worker_count(runs):
+    a = run_outputs(runs["client"], runs["ids"]["a"])
+    b = run_outputs(runs["client"], runs["ids"]["b"])
     assert a["metrics"] == b["metrics"]
     for name in ("dev", "test"):
         pd.testing.assert_frame_equal(a["tables"][name], b["tables"][name], check_exact=True)
@@ -110,9 +128,54 @@ def test_same_seed_is_bit_identical_whatever_the_worker_count(runs, tmp_path):
     assert params == ["0", "2"]
 
 
-def test_another_seed_gives_other_results(runs, tmp_path):
-    a = run_outputs(runs["client"], runs["ids"]["a"], tmp_path)
-    c = run_outputs(runs["client"], runs["ids"]["c"], tmp_path)
+def test_another_thread_count_changes_the_last_bits(runs):
+    """torch splits sums over threads: another --num-threads adds the same floats in another order. The split,
+    the subset and the augmentation stay the same; the weights differ in their last bits after the first step,
+    and training carries the difference on."""
+    a, d = run_outputs(runs["client"], runs["ids"]["a"]), run_outputs(runs["client"], runs["ids"]["d"])
+    for name in ("dev", "test"):
+        pd.testing.assert_frame_equal(a["tables"][name][["file", "label"]], d["tables"][name][["file", "label"]])
+    assert not np.array_equal(a["tables"]["test"]["score"], d["tables"]["test"]["score"])
+    assert not torch.equal(a["state"]["head.3.weight"], d["state"]["head.3.weight"])
+    params = [runs["client"].get_run(runs["ids"][n]).data.params["num_threads"] for n in "ad"]
+    assert params == ["2", "1"]
+
+
+def test_image_lists_are_what_the_loaders_read(runs):
+    """data/images.json holds the images of each part, taken from the DataLoaders, with a digest tag each."""
+    client, run_id = runs["client"], runs["ids"]["a"]
+    lists = json.loads(Path(client.download_artifacts(run_id, "data/images.json", str(runs["cwd"] / "dl"))).read_text())
+    tables = run_outputs(client, run_id)["tables"]
+    for part in ("dev", "test"):
+        assert [Path(f).name for f in lists[part]] == tables[part]["file"].tolist()
+    assert lists["warmup"] == lists["train"] and all(f.startswith("images/") for f in lists["train"])
+    assert not set(lists["train"]) & set(lists["dev"]) and not set(lists["train"]) & set(lists["test"])
+    tags = client.get_run(run_id).data.tags
+    for part, files in lists.items():
+        assert tags[f"images_digest.{part}"] == hashlib.sha256("\n".join(files).encode()).hexdigest()
+
+
+def test_logged_model_loads_without_our_code_and_analyze_rechecks_it(runs, tmp_path):
+    assert "Model check: identical" in runs["analyze"].stdout
+    client, run_id = runs["client"], runs["ids"]["a"]
+    assert client.get_run(run_id).data.tags["model_check"] == "identical"
+    assert client.get_run(run_id).data.metrics["analysis_test_model_max_abs_difference"] == 0
+    code = (
+        "import mlflow, sys, torch\n"
+        "assert not any('step_' in p for p in sys.path)\n"
+        f"model = mlflow.pytorch.load_model('runs:/{run_id}/model')\n"
+        "print('shape', tuple(model(torch.zeros(3, 3, 64, 64)).shape))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri},
+    )  # fmt: skip
+    assert proc.returncode == 0 and "shape (3,)" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_another_seed_gives_other_results(runs):
+    a = run_outputs(runs["client"], runs["ids"]["a"])
+    c = run_outputs(runs["client"], runs["ids"]["c"])
     assert set(a["tables"]["test"]["file"]) != set(c["tables"]["test"]["file"])
     assert not torch.equal(a["state"]["head.0.weight"], c["state"]["head.0.weight"])
 
@@ -243,7 +306,7 @@ def test_logs_to_a_real_tracking_server(make_standin, tmp_path):
         assert root.info.status == "FINISHED" and root.data.tags["run_level"] == "root"
         children = client.search_runs([root.info.experiment_id], f"tags.mlflow.parentRunId = '{root.info.run_id}'")
         assert {c.data.tags["phase"] for c in children} == {"warmup", "finetune"}
-        assert {a.path for a in client.list_artifacts(root.info.run_id, "model")} == {"model/state_dict.pt"}
+        assert "head.3.weight" in load_model(client, root.info.run_id).state_dict()  # the model, via the server
         assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
         assert np.isfinite(root.data.metrics["test_roc_auc"])
     finally:

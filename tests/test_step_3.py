@@ -96,6 +96,80 @@ def test_quick_subsample_and_fold_sizes_follow_the_split_file(cv, split_file):
     assert int(run.data.params["n_dev"]) == len(splits["root_splits"]["1"]["nested_splits"]["0"]["dev_indices"])
 
 
+def images_read(client: mlflow.MlflowClient, run: mlflow.entities.Run, tmp: Path) -> dict[str, list[str]]:
+    """The image lists a fold run recorded from its DataLoaders, checked against their digest tags."""
+    path = client.download_artifacts(run.info.run_id, "data/images.json", str(tmp / run.info.run_id))
+    lists = json.loads(Path(path).read_text())
+    for part, files in lists.items():
+        assert run.data.tags[f"images_digest.{part}"] == hashlib.sha256("\n".join(files).encode()).hexdigest()
+    return lists
+
+
+def assert_fold_reads_only_its_own_images(lists: dict[str, list[str]], splits: dict, fold: tuple[int, int]) -> None:
+    """Warm-up and training read only the fold's train images, early stopping its dev images, testing its test."""
+    files, (root, nested) = splits["files"], fold
+    allowed = {
+        "train": splits["root_splits"][str(root)]["nested_splits"][str(nested)]["train_indices"],
+        "dev": splits["root_splits"][str(root)]["nested_splits"][str(nested)]["dev_indices"],
+        "test": splits["root_splits"][str(root)]["test_indices"],
+    }
+    assert lists["warmup"] == lists["train"], fold
+    for part in ("train", "dev", "test"):
+        outside = set(lists[part]) - {files[i] for i in allowed[part]}
+        assert not outside, f"fold {fold}: {part} read {len(outside)} image(s) outside its part, e.g. {outside.pop()}"
+
+
+def test_each_fold_reads_only_its_own_images(cv, split_file, tmp_path):
+    """The leak guard on what the training code fed the model, not on the split file: a fold that trained on
+    its test images (or tested on its training images) fails here."""
+    splits = json.loads(split_file[1].read_text())
+    for fold, (run,) in fold_runs(cv["client"]).items():
+        lists = images_read(cv["client"], run, tmp_path)
+        assert_fold_reads_only_its_own_images(lists, splits, fold)
+        part_sizes = {part: len(lists[part]) for part in ("train", "dev", "test")}
+        assert part_sizes == {part: int(run.data.params[f"n_{part}"]) for part in part_sizes}
+
+
+def test_quick_caps_bite_at_full_quick_size(step3, make_standin, tmp_path):
+    """One fold at a size where --quick's caps apply to train, dev and test: the fold reads exactly the seeded
+    stratified subsample of its own parts (QUICK_SHARES of QUICK.max_images), nothing else."""
+    data_dir = make_standin(1100)
+    path = tmp_path / "splits.json"
+    run_script(
+        "step_3/make_dataset_splits.py", "--data-dir", str(data_dir), "--k-root", "2", "--k-nested", "5",
+        "--output", str(path), cwd=tmp_path,
+    )  # fmt: skip
+    args = [
+        "--quick",
+        "--data-dir",
+        str(data_dir),
+        "--split-file",
+        str(path),
+        "--root-split",
+        "1",
+        "--nested-split",
+        "3",
+    ]
+    run_script("step_3/train.py", *args, cwd=tmp_path)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = fold_runs(client)[(1, 3)]
+    lists, splits = images_read(client, run, tmp_path), json.loads(path.read_text())
+    assert_fold_reads_only_its_own_images(lists, splits, (1, 3))
+    caps = {part: round(step3.train.QUICK.max_images * share) for part, share in step3.train.QUICK_SHARES.items()}
+    assert {part: len(lists[part]) for part in caps} == caps  # every cap bit: each part is larger than its cap
+    loaded = {"root_splits": {1: {"test": np.array(splits["root_splits"]["1"]["test_indices"]), "nested": {3: {
+        part: np.array(splits["root_splits"]["1"]["nested_splits"]["3"][f"{part}_indices"]) for part in ("train", "dev")
+    }}}}}  # fmt: skip
+    labels = np.array([Path(f).name[0].isupper() for f in splits["files"]], dtype=int)  # capitalised breeds: cats
+    expected = step3.train.fold_indices({**loaded, "labels": labels}, 1, 3, step3.train.QUICK.max_images, 0)
+    for part in caps:
+        assert lists[part] == [splits["files"][i] for i in expected[part]], part
+        share = np.mean(labels[expected[part]])
+        whole = np.mean(labels[loaded["root_splits"][1]["test"] if part == "test" else
+                               loaded["root_splits"][1]["nested"][3][part]])  # fmt: skip
+        assert abs(share - whole) * caps[part] <= 1, part  # stratified: class shares kept within one image
+
+
 def test_analysis_pools_the_three_outer_folds(cv):
     client = cv["client"]
     root_id = fold_runs(client)[(0, 0)][0].data.tags["mlflow.parentRunId"]
@@ -137,9 +211,8 @@ def test_kill_after_the_first_fold_then_resume_gives_the_same_folds(cv, split_fi
     assert len(roots) == 1 and roots[0].data.tags["run_complete"] == "true"
 
 
-def test_dead_pid_sweep_marks_only_dead_processes_on_this_host(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "step_3"))
-    train = load_step_module("step_3", "train")
+def test_dead_pid_sweep_marks_only_dead_processes_on_this_host(tmp_path):
+    resume = load_step_module("step_3", "resume")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("sweep")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -155,7 +228,7 @@ def test_dead_pid_sweep_marks_only_dead_processes_on_this_host(tmp_path, monkeyp
         ):
             runs[name] = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
         runs["child_of_dead"] = client.create_run(experiment_id, tags={"mlflow.parentRunId": runs["dead"]}).info.run_id
-        killed = train.sweep_dead_runs(client, experiment_id)
+        killed = resume.sweep_dead_runs(client, experiment_id)
         status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
     finally:
         alive.kill()
@@ -189,23 +262,14 @@ REMAKE = "regenerate it with python step_3/make_dataset_splits.py"
 
 
 @pytest.fixture(scope="module")
-def step3():
-    """step_3's splits, train and analyze_predictions modules; they import step_3's helpers by plain name."""
-    names = ("provenance", "splits", "train")
-    saved_path, saved = list(sys.path), {name: sys.modules.pop(name) for name in names if name in sys.modules}
-    sys.path.insert(0, str(REPO / "step_3"))
-    try:
-        yield SimpleNamespace(
-            splits=load_step_module("step_3", "splits"),
-            train=load_step_module("step_3", "train"),
-            analysis=load_step_module("step_3", "analyze_predictions"),
-            make=load_step_module("step_3", "make_dataset_splits"),
-        )
-    finally:
-        sys.path[:] = saved_path
-        for name in names:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved)
+def step3() -> SimpleNamespace:
+    """step_3's splits, train, analyze_predictions and make_dataset_splits modules."""
+    return SimpleNamespace(
+        splits=load_step_module("step_3", "splits"),
+        train=load_step_module("step_3", "train"),
+        analysis=load_step_module("step_3", "analyze_predictions"),
+        make=load_step_module("step_3", "make_dataset_splits"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -571,11 +635,8 @@ def fake_store(tmp_path_factory) -> dict:
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
             params=[Param(k, v) for k, v in {"n_train": "60", "n_dev": "40", "n_test": "40", "seed": "0"}.items()],
         )
-        folder = tmp / run_id
-        folder.mkdir()
         for name, table in tables.items():
-            table.to_csv(folder / f"{name}_predictions.csv", index=False)
-            client.log_artifact(run_id, str(folder / f"{name}_predictions.csv"), "predictions")
+            client.log_text(run_id, table.to_csv(index=False), f"predictions/{name}_predictions.csv")
         if complete:
             client.set_tag(run_id, "fold_complete", "true")
         client.set_terminated(run_id, "FINISHED", end_time=tick())  # FINISHED, complete or not
@@ -638,7 +699,7 @@ def test_analysis_end_to_end_on_folds_from_two_jobs(fake_store, tmp_path):
     folder = Path(client.download_artifacts(ids["a"], "", str(tmp_path / "artifacts")))
     for name in ("fold_roc_curves.png", "forest_plot.png"):
         assert (folder / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = pd.read_csv(folder / "analysis" / "fold_metrics.csv")
+    table = pd.read_json(folder / "analysis" / "fold_metrics.json", orient="split")  # as mlflow.log_table writes it
     assert list(zip(table["root_split"], table["nested_split"], strict=True)) == list(fake_store["a"])
     assert list(table["run_id"]) == [run_id for run_id, _ in fake_store["a"].values()]  # the latest (0, 0)
     assert np.allclose(table["test_roc_auc"], list(aucs.values()))

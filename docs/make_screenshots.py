@@ -1,0 +1,442 @@
+"""Make the README's screenshots of the MLflow UI (docs/img/*.png) from a real quick run on the stand-in.
+
+Run from the repository root (needs headless Chromium; on Debian/Ubuntu, as root: `apt-get install -y chromium`):
+
+    .venv/bin/python docs/make_screenshots.py          # 5-10 min on 2 cores; rewrites docs/img/*.png
+    .venv/bin/python docs/make_screenshots.py --keep   # also keep the temporary directory (data, mlflow.db, mlruns/)
+    .venv/bin/python docs/make_screenshots.py --reuse DIR   # photograph a kept directory again, without training
+
+In a fresh temporary directory it builds a 300-image stand-in, runs steps 2 and 3 at --quick size with the
+README's commands (MLflow's default store, ./mlflow.db and ./mlruns/, lands there), starts `mlflow ui` on a free
+port and photographs five pages at 1600 x 1000 CSS pixels:
+
+    step2_runs.png         the step_2 experiment's runs table: the root run expanded to its warmup/finetune runs
+    step2_run.png          the step-2 root run's overview page (parameters, tags)
+    step2_metrics.png      the metric charts of the step-2 finetune phase run (its model-metrics tab)
+    step3_folds.png        the step_3 experiment's runs table: root run → fold runs, the first fold → phase runs
+    step3_forest_plot.png  the step-3 root run's artifacts view with figures/forest_plot.png selected
+
+Every UI link ends in `?workflowType=machine_learning`: without it MLflow 3.17 opens its GenAI view.
+
+Why not `chromium --headless --screenshot`: under its virtual time the metric charts never load, and the runs
+table expands a parent run only from state kept in the browser's localStorage. So the script drives Chromium
+through the DevTools protocol over a pipe (`--remote-debugging-pipe`, standard library only): it seeds
+localStorage before each page loads (parent runs expanded, chosen columns, the MLflow Assistant panel closed),
+waits until the page shows what it should (names of the runs read back through MLflow's client, drawn charts,
+the loaded image) and the DOM stops changing, then captures the viewport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+N_IMAGES = 300  # big enough for 3 x 2 folds with both classes everywhere, small enough for a quick run
+RETRIES = 3  # the training scripts may be mid-edit by someone else: wait and retry a failed command
+RETRY_WAIT_S = 60
+UI_START_TIMEOUT_S = 180  # `mlflow ui` imports a lot and migrates a new database on its first start
+PAGE_TIMEOUT_S = 90  # per page, until it shows what it should; generous for a loaded 2-core machine
+SETTLE_S = 1.0  # the DOM must stay unchanged this long (three samples) before the capture
+WIDTH, HEIGHT = 1600, 1000  # viewport in CSS pixels: wide enough for the runs table's columns
+METRIC_COLUMN_PX = 150  # a metric column this wide shows a float64 in full; the default width cuts it off
+MAX_PNG_BYTES = 400_000  # above this, re-save with a 256-colour palette
+ML_VIEW = "workflowType=machine_learning"  # else MLflow 3.17 opens the experiment's GenAI view
+
+# localStorage that every page starts with: the MLflow Assistant panel would otherwise open on the first visit
+# and cover a third of the page (keys of the UI's useLocalStorage hook: "<key>_v<version>", JSON values).
+BASE_STORAGE = {"mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true", "mlflow.assistant.panelOpen_v1": "false"}
+HIDE_CHART_TOOLBARS = (  # plotly's toolbars, which headless Chromium shows over every chart as if hovered
+    "addEventListener('DOMContentLoaded', () => { const s = document.createElement('style');"
+    " s.textContent = '.modebar-container { display: none !important; }'; document.head.appendChild(s); });"
+)
+
+
+def find_chromium() -> str:
+    """Path of a Chromium/Chrome executable, or exit with how to install one."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    sys.exit("make_screenshots.py needs headless Chromium: install it with `apt-get install -y chromium` (as root).")
+
+
+def run_script(script: str, args: list[str], cwd: Path) -> None:
+    """Run one of the repository's scripts with this Python in `cwd`; retry a failure (a concurrent edit)."""
+    command = [sys.executable, str(REPO / script), *args]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}  # the default store
+    for attempt in range(1, RETRIES + 1):
+        print(f"$ python {script} {' '.join(args)}".rstrip(), flush=True)
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+        if result.returncode == 0:
+            print(f"  ok in {time.perf_counter() - started:.0f} s", flush=True)
+            return
+        print(result.stdout[-2000:] + result.stderr[-3000:], file=sys.stderr)
+        if attempt < RETRIES:
+            print(f"  failed (exit {result.returncode}); retrying in {RETRY_WAIT_S} s", flush=True)
+            time.sleep(RETRY_WAIT_S)
+    sys.exit(f"{script} failed {RETRIES} times (exit {result.returncode}); see its output above.")
+
+
+def make_runs(work: Path) -> None:
+    """Build the stand-in and run steps 2 and 3 at --quick size in `work`, as the README does."""
+    data = str(work / "data" / "oxfordiii")
+    run_script("step_1/download_data.py", ["--synthetic", "--n-images", str(N_IMAGES), "--data-dir", data], work)
+    run_script("step_2/train.py", ["--quick", "--data-dir", data], work)
+    run_script("step_2/analyze_predictions.py", [], work)
+    run_script("step_3/make_dataset_splits.py", ["--data-dir", data, "--k-root", "3", "--k-nested", "2"], work)
+    run_script("step_3/train.py", ["--quick", "--data-dir", data], work)
+    run_script("step_3/analyze_predictions.py", [], work)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_ui(work: Path, port: int) -> subprocess.Popen:
+    """Start `mlflow ui` on the store in `work` and wait until it answers."""
+    with (work / "mlflow_ui.log").open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so that stop_ui also stops its workers
+        )
+    deadline = time.monotonic() + UI_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"`mlflow ui` exited with {server.returncode}; see {work / 'mlflow_ui.log'} (run with --keep).")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    stop_ui(server)
+    sys.exit(f"`mlflow ui` did not answer in {UI_START_TIMEOUT_S} s; see {work / 'mlflow_ui.log'} (run with --keep).")
+
+
+def stop_ui(server: subprocess.Popen) -> None:
+    """Stop the `mlflow ui` process group that start_ui started."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def newest(client: mlflow.MlflowClient, experiment_id: str, filter_string: str, what: str) -> mlflow.entities.Run:
+    """The newest run matching `filter_string`, or exit naming what was missing."""
+    runs = client.search_runs([experiment_id], filter_string, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        sys.exit(f"found no {what} in the temporary MLflow store; did the training scripts change their run tree?")
+    return runs[0]
+
+
+def children(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> list[mlflow.entities.Run]:
+    """The child runs of `run`, oldest first."""
+    return client.search_runs(
+        [run.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def table_storage(experiment_id: str, expanded: list[str], columns: list[str]) -> dict[str, str]:
+    """localStorage that makes the runs table of `experiment_id` open with `expanded` runs and `columns` shown.
+
+    The UI keeps this view state per experiment under MLflowLocalStorage-1.1-ExperimentPage-["<id>"]-...;
+    column keys are "<attributes|metrics|params|tags>.`<name>`". Metric columns get room for full values.
+    """
+    widths = {column: METRIC_COLUMN_PX for column in columns if column.startswith("metrics.")}
+    state = {
+        "runsExpanded": dict.fromkeys(expanded, True),
+        "selectedColumns": columns,
+        "columnOrder": ["duration", *columns],
+        "columnWidths": widths,
+    }
+    return {f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment_id}"]-ReactComponentState': json.dumps(state)}
+
+
+def js_has_texts(texts: list[str]) -> str:
+    """A JavaScript expression: the page's visible text contains every one of `texts`."""
+    return f"{json.dumps(texts)}.every(t => document.body.innerText.includes(t))"
+
+
+@dataclass
+class Page:
+    """One screenshot: file name, URL path after the hash, when it is ready, localStorage to start with."""
+
+    name: str
+    path: str
+    ready: str  # a JavaScript expression that is true once the page shows what the screenshot is for
+    storage: dict[str, str] = field(default_factory=dict)
+    height: int = HEIGHT
+
+
+def plan_pages(client: mlflow.MlflowClient) -> list[Page]:
+    """The five pages, with ids and run names read back through MLflow's client."""
+    step2 = client.get_experiment_by_name("step_2")
+    step3 = client.get_experiment_by_name("step_3")
+    if step2 is None or step3 is None:
+        sys.exit("found no experiment 'step_2' or 'step_3' in the temporary MLflow store.")
+
+    exp = step2.experiment_id
+    root = newest(client, exp, "tags.run_level = 'root'", "step-2 root run")
+    phases = children(client, root)
+    finetune = next((run for run in phases if run.data.tags.get("phase") == "finetune"), None)
+    if finetune is None:
+        sys.exit("the step-2 root run has no child run tagged phase=finetune; did step_2/train.py change its runs?")
+    columns = ["tags.`run_level`", "tags.`phase`", "metrics.`dev_roc_auc`", "metrics.`test_roc_auc`"]
+    pages = [
+        Page(
+            "step2_runs.png",
+            f"/experiments/{exp}/runs",
+            js_has_texts([run.info.run_name for run in [root, *phases]]),
+            table_storage(exp, [root.info.run_id], [*columns, "attributes.`Models`"]),
+        ),
+        Page(
+            "step2_run.png",
+            f"/experiments/{exp}/runs/{root.info.run_id}",
+            js_has_texts([root.info.run_id, "run_level"]),
+        ),
+        Page(
+            "step2_metrics.png",
+            f"/experiments/{exp}/runs/{finetune.info.run_id}/model-metrics",
+            "[...document.querySelectorAll('.js-plotly-plot')].filter(p => p.querySelector('.scatterlayer .trace'))"
+            f".length >= {len(finetune.data.metrics)}",  # one drawn chart per metric
+            height=1080,  # room for a second row of charts
+        ),
+    ]
+
+    exp = step3.experiment_id
+    root = newest(client, exp, "tags.run_level = 'root'", "step-3 root run")
+    folds = children(client, root)
+    if not folds:
+        sys.exit("the step-3 root run has no child (fold) runs; did step_3/train.py change its run tree?")
+    fold_phases = children(client, folds[0])
+    columns = ["tags.`run_level`", "tags.`root_split_id`", "tags.`nested_split_id`", "tags.`phase`"]
+    columns += ["metrics.`dev_roc_auc`", "metrics.`test_roc_auc`", "attributes.`Models`"]
+    pages += [
+        Page(
+            "step3_folds.png",
+            f"/experiments/{exp}/runs",
+            js_has_texts([run.info.run_name for run in [root, *folds, *fold_phases]]),
+            table_storage(exp, [root.info.run_id, folds[0].info.run_id], columns),  # the first fold shows its phases
+        ),
+        Page(
+            "step3_forest_plot.png",
+            f"/experiments/{exp}/runs/{root.info.run_id}/artifacts/figures/forest_plot.png",
+            "[...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)"
+            " && document.body.innerText.includes('forest_plot.png')",
+        ),
+    ]
+    return pages
+
+
+class Browser:
+    """Headless Chromium driven through the DevTools protocol over a pipe: JSON messages ending in NUL bytes."""
+
+    def __init__(self, chromium: str, log: Path) -> None:
+        self.profile = tempfile.mkdtemp(prefix="chromium-profile-")  # a fresh profile: nothing remembered
+        to_chrome, self._out = os.pipe()
+        self._in, from_chrome = os.pipe()
+
+        def use_fds_3_and_4() -> None:  # --remote-debugging-pipe reads commands on fd 3 and writes on fd 4
+            read, write = fcntl.fcntl(to_chrome, fcntl.F_DUPFD, 10), fcntl.fcntl(from_chrome, fcntl.F_DUPFD, 10)
+            os.dup2(read, 3)
+            os.dup2(write, 4)
+
+        with log.open("a") as log_file:
+            self.process = subprocess.Popen(
+                [
+                    chromium,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    f"--user-data-dir={self.profile}",
+                    f"--window-size={WIDTH},{HEIGHT}",
+                    "--hide-scrollbars",
+                    "--remote-debugging-pipe",
+                    "about:blank",
+                ],
+                stdout=log_file,
+                stderr=log_file,
+                preexec_fn=use_fds_3_and_4,
+                close_fds=False,  # keep fds 3 and 4; every other descriptor here is close-on-exec
+            )
+        os.close(to_chrome)
+        os.close(from_chrome)
+        self._buffer, self._last_id, self.session = b"", 0, None
+        try:
+            targets = self.call("Target.getTargets")["targetInfos"]
+            page = next((target for target in targets if target["type"] == "page"), None)
+            if page is None:
+                raise RuntimeError("chromium opened no page")
+            self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, method: str, timeout_s: float = 60, **params) -> dict:
+        """Send one command (to the page once attached) and return its result; events are skipped."""
+        self._last_id += 1
+        message = {"id": self._last_id, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self._out, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            while b"\0" not in self._buffer:
+                if not select.select([self._in], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    raise TimeoutError(f"chromium did not answer {method} in {timeout_s} s")
+                chunk = os.read(self._in, 1 << 20)
+                if not chunk:
+                    raise RuntimeError("chromium exited")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._last_id:
+                if "error" in reply:
+                    raise RuntimeError(f"chromium: {method} failed: {reply['error'].get('message')}")
+                return reply["result"]
+
+    def evaluate(self, expression: str):
+        """The value of a JavaScript expression in the page (None if it throws)."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return None if "exceptionDetails" in result else result["result"].get("value")
+
+    def photograph(self, url: str, out: Path, storage: dict[str, str], ready: str, height: int) -> bool:
+        """Open `url` with `storage` in localStorage, wait until `ready` holds and the DOM settles, save a PNG.
+
+        Returns whether the page became ready in PAGE_TIMEOUT_S (the PNG is written either way, to look at).
+        """
+        self.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=height, deviceScaleFactor=1, mobile=False)
+        seed = "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in storage.items())
+        self.call("Page.enable")
+        self.call("Page.addScriptToEvaluateOnNewDocument", source=seed + HIDE_CHART_TOOLBARS)
+        self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + PAGE_TIMEOUT_S
+        while not (is_ready := bool(self.evaluate(ready))) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        samples: list[int] = []
+        while is_ready and time.monotonic() < deadline and (len(samples) < 3 or len(set(samples[-3:])) > 1):
+            time.sleep(SETTLE_S / 2)
+            samples.append(self.evaluate("document.body.innerHTML.length"))
+        png = self.call("Page.captureScreenshot", format="png")["data"]
+        out.write_bytes(base64.b64decode(png))
+        return is_ready
+
+    def close(self) -> None:
+        """Close Chromium and remove its profile."""
+        with contextlib.suppress(OSError, RuntimeError, TimeoutError):
+            self.call("Browser.close", timeout_s=10)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self._in)
+        os.close(self._out)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def shrink_png(path: Path) -> None:
+    """Re-save `path` optimised, and with a 256-colour palette if it is still above MAX_PNG_BYTES."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    image.save(path, optimize=True)
+    if path.stat().st_size > MAX_PNG_BYTES:
+        image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the quick steps in a temporary directory, start `mlflow ui` there and photograph its pages."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "img", help="where the PNG files go")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
+    parser.add_argument(
+        "--reuse", type=Path, metavar="DIR", help="a directory kept by --keep: skip the runs, photograph it again"
+    )
+    args = parser.parse_args(argv)
+    if args.reuse and not (args.reuse / "mlflow.db").is_file():
+        sys.exit(f"--reuse {args.reuse}: no mlflow.db there; give a directory that --keep printed.")
+
+    chromium = find_chromium()
+    started = time.perf_counter()
+    work = args.reuse.resolve() if args.reuse else Path(tempfile.mkdtemp(prefix="reproai-screenshots-"))
+    print(f"Working in {work}", flush=True)
+    server, written, not_ready = None, [], []
+    try:
+        if not args.reuse:
+            make_runs(work)
+        pages = plan_pages(mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}"))
+        port = free_port()
+        print(f"Starting mlflow ui on http://127.0.0.1:{port}", flush=True)
+        server = start_ui(work, port)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        for page in pages:
+            url = f"http://127.0.0.1:{port}/#{page.path}?{ML_VIEW}"
+            out = args.out_dir / page.name
+            print(f"  {page.name} <- {url}", flush=True)
+            try:
+                browser = Browser(chromium, work / "chromium.log")
+                try:
+                    if not browser.photograph(url, out, BASE_STORAGE | page.storage, page.ready, page.height):
+                        not_ready.append(page.name)
+                finally:
+                    browser.close()
+            except (OSError, RuntimeError, TimeoutError) as error:
+                sys.exit(f"chromium failed on {page.name}: {error}; see {work / 'chromium.log'} (run with --keep).")
+            shrink_png(out)
+            written.append(out)
+    finally:
+        if server is not None:
+            stop_ui(server)
+        if args.keep or args.reuse:
+            print(f"Kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"Done in {time.perf_counter() - started:.0f} s. Wrote:")
+    for path in written:
+        print(f"  {path.relative_to(REPO) if path.is_relative_to(REPO) else path}  ({path.stat().st_size // 1000} kB)")
+    if not_ready:
+        sys.exit(f"{', '.join(not_ready)} did not show what it should within {PAGE_TIMEOUT_S} s: look at the file(s).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,13 @@
 """What does logging the kept model cost? `mlflow.pytorch.log_model` as step 2 calls it, against the alternatives.
 
-Logs the quick model (resnet18 + head, 64 px) to a fresh sqlite store in three variants, repeats interleaved
-(A B C A B C ...), and prints the seconds per call (median and min–max), after a first call that pays the
+Logs the quick model (resnet18 + head, 64 px) to a fresh sqlite store in four variants, repeats interleaved
+(A B C D A B C D ...), and prints the seconds per call (median and min–max), after a first call that pays the
 one-off imports (a quick run pays it once, in its one process):
 
-- as step 2 ships it: `log_model` with an input example and the requirements given (`pip_requirements`),
-- requirements inferred: the same call without `pip_requirements` (MLflow then infers them by importing),
+- as step 2 ships it: `log_model` with an input example and the requirements given (`pip_requirements`), without
+  MLflow's serving validation (a reload and a prediction on the example),
+- + serving validation: the same call with MLflow's default validation,
+- + requirements inferred: with the validation and without `pip_requirements` (MLflow infers them),
 - weights only: `torch.save` of the state dict plus `mlflow.log_artifact` (what step 2 did before: not loadable
   without our code).
 
@@ -29,7 +31,7 @@ from step_module import load_train
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Time the three variants, interleaved, and print seconds per call."""
+    """Time the four variants, interleaved, and print seconds per call."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="calls per variant (default 5)")
     args = parser.parse_args(argv)
@@ -40,6 +42,15 @@ def main(argv: list[str] | None = None) -> None:
     example = torch.randn(2, 3, train.QUICK.image_size, train.QUICK.image_size).numpy()
 
     def shipped() -> None:
+        mlflow.pytorch.log_model(
+            copy.deepcopy(model),
+            name="model",
+            input_example=example,
+            pip_requirements=[f"torch=={version('torch')}"],
+            validate_serving_input=False,
+        )
+
+    def validated() -> None:
         mlflow.pytorch.log_model(
             copy.deepcopy(model), name="model", input_example=example, pip_requirements=[f"torch=={version('torch')}"]
         )
@@ -52,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
             torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
             mlflow.log_artifact(str(Path(tmp) / "state_dict.pt"), "model")
 
-    variants = {"log_model (step 2)": shipped, "requirements inferred": inferred, "weights only": weights_only}
+    variants = {
+        "log_model (step 2)": shipped,
+        "+ serving validation": validated,
+        "+ requirements inferred": inferred,
+        "weights only": weights_only,
+    }
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")

@@ -400,6 +400,7 @@ def log_outputs(model: PetClassifier, loaders: dict[str, DataLoader], scores: di
         name="model",
         input_example=example.numpy(),  # also gives the signature the UI shows
         pip_requirements=[f"torch=={version('torch')}"],  # inferring them instead costs seconds per run
+        validate_serving_input=False,  # a reload and prediction; analyze_predictions.py checks far more
     )
 
 

@@ -385,7 +385,8 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(
-                f"{value} is out of range: give a whole number from {low}" + (f" to {high}" if high else " up")
+                f"{value} is out of range: give a whole number from {low}"
+                + (f" to {high}" if high is not None else " up")
             )
         return value
 

@@ -284,8 +284,8 @@ def fit(model: PetClassifier, loaders: dict[str, DataLoader], settings: Settings
     head_optimizer = torch.optim.AdamW(
         model.head.parameters(), lr=settings.warmup_lr, weight_decay=settings.weight_decay
     )
-    warmup, n = {**loaders, "train": loaders["warmup"]}, settings.warmup_epochs  # no early stop in the warm-up
-    train_phase("warmup", model, warmup, head_optimizer, n, n, device, best)
+    warmup_loaders, epochs = {**loaders, "train": loaders["warmup"]}, settings.warmup_epochs
+    train_phase("warmup", model, warmup_loaders, head_optimizer, epochs, epochs, device, best)  # no early stop
     model.backbone.requires_grad_(True)
     all_optimizer = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr, weight_decay=settings.weight_decay)
     train_phase("finetune", model, loaders, all_optimizer, settings.finetune_epochs, settings.patience, device, best)

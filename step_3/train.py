@@ -369,10 +369,10 @@ def fit(model: PetClassifier, loaders: dict[str, DataLoader], settings: Settings
     head_optimizer = torch.optim.AdamW(
         model.head.parameters(), lr=settings.warmup_lr, weight_decay=settings.weight_decay
     )
-    warmup, n = {**loaders, "train": loaders["warmup"]}, settings.warmup_epochs  # no early stop in the warm-up
+    warmup_loaders, epochs = {**loaders, "train": loaders["warmup"]}, settings.warmup_epochs
     with runs.tracked_run(run_name="warmup", nested=True, tags={"run_level": "phase", "phase": "warmup"}):
         mlflow.log_params({"lr": settings.warmup_lr, "max_epochs": settings.warmup_epochs, "trainable": "head"})
-        train_phase("warmup", model, warmup, head_optimizer, n, n, device, best)
+        train_phase("warmup", model, warmup_loaders, head_optimizer, epochs, epochs, device, best)  # no early stop
     model.backbone.requires_grad_(True)
     all_optimizer = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr, weight_decay=settings.weight_decay)
     with runs.tracked_run(run_name="finetune", nested=True, tags={"run_level": "phase", "phase": "finetune"}):

@@ -8,15 +8,18 @@ DataLoader code and leave runs RUNNING; DataLoader workers ignore the signals an
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 STOP_REQUESTED = threading.Event()
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI then shows it as model training
@@ -63,11 +66,39 @@ def tracked_run(**kwargs: object) -> Iterator[mlflow.ActiveRun]:
             raise
 
 
+@contextmanager
+def store_lock(timeout: float = 60.0) -> Iterator[None]:
+    """With a local sqlite store, one process at a time: processes started together (workers, a job array) would
+    all create the store's tables or the same experiment at once, and all but one would fail (mlflow#10334)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield  # a tracking server handles concurrent clients itself
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))  # atomic: exactly one process creates the file
+            break
+        except FileExistsError:
+            with suppress(FileNotFoundError):
+                if time.time() - lock.stat().st_mtime > timeout:  # left behind by a killed process
+                    lock.unlink()
+            time.sleep(0.1)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def use_experiment(name: str) -> str:
     """Select (or create) the experiment, tagged as classic model training for the UI; return its id."""
-    experiment = mlflow.set_experiment(name)  # MLflow's default store (./mlflow.db), or MLFLOW_TRACKING_URI
-    if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
-        mlflow.set_experiment_tags(EXPERIMENT_KIND)
+    with store_lock():
+        try:
+            experiment = mlflow.set_experiment(name)  # MLflow's default store (./mlflow.db), or MLFLOW_TRACKING_URI
+        except MlflowException:  # a tracking server: another client created it a moment ago; it exists now
+            experiment = mlflow.set_experiment(name)
+        if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            mlflow.set_experiment_tags(EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

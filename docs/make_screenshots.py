@@ -5,16 +5,20 @@ Run from the repository root (needs headless Chromium; on Debian/Ubuntu, as root
     .venv/bin/python docs/make_screenshots.py          # 5-10 min on 2 cores; rewrites docs/img/*.png
     .venv/bin/python docs/make_screenshots.py --keep   # also keep the temporary directory (data, mlflow.db, mlruns/)
     .venv/bin/python docs/make_screenshots.py --reuse DIR   # photograph a kept directory again, without training
+    .venv/bin/python docs/make_screenshots.py --steps 4     # only step 4's runs and pictures
 
-In a fresh temporary directory it builds a 300-image stand-in, runs steps 2 and 3 at --quick size with the
+In a fresh temporary directory it builds a 300-image stand-in, runs steps 2, 3 and 4 at --quick size with the
 README's commands (MLflow's default store, ./mlflow.db and ./mlruns/, lands there), starts `mlflow ui` on a free
-port and photographs five pages at 1600 x 1000 CSS pixels:
+port and photographs these pages at 1600 x 1000 CSS pixels:
 
     step2_runs.png         the step_2 experiment's runs table: the root run expanded to its warmup/finetune runs
     step2_run.png          the step-2 root run's overview page (parameters, tags)
     step2_metrics.png      the metric charts of the step-2 finetune phase run (its model-metrics tab)
     step3_folds.png        the step_3 experiment's runs table: root run → fold runs, the first fold → phase runs
     step3_forest_plot.png  the step-3 root run's artifacts view with figures/forest_plot.png selected
+    step4_trials.png       the step_4 experiment's runs table: root run → fold runs, the first fold → trials, refit
+    step4_parallel.png     the first fold's trial runs compared: the parallel coordinates plot of their parameters
+    step4_chosen.png       the step-4 root run's artifacts view with figures/chosen_hyperparameters.png selected
 
 Every UI link ends in `?workflowType=machine_learning`: without it MLflow 3.17 opens its GenAI view.
 
@@ -97,15 +101,17 @@ def run_script(script: str, args: list[str], cwd: Path) -> None:
     sys.exit(f"{script} failed {RETRIES} times (exit {result.returncode}); see its output above.")
 
 
-def make_runs(work: Path) -> None:
-    """Build the stand-in and run steps 2 and 3 at --quick size in `work`, as the README does."""
+def make_runs(work: Path, steps: list[int]) -> None:
+    """Build the stand-in and run the steps at --quick size in `work`, as the README does."""
     data = str(work / "data" / "oxfordiii")
     run_script("step_1/download_data.py", ["--synthetic", "--n-images", str(N_IMAGES), "--data-dir", data], work)
-    run_script("step_2/train.py", ["--quick", "--data-dir", data], work)
-    run_script("step_2/analyze_predictions.py", [], work)
+    if 2 in steps:
+        run_script("step_2/train.py", ["--quick", "--data-dir", data], work)
+        run_script("step_2/analyze_predictions.py", [], work)
     run_script("step_3/make_dataset_splits.py", ["--data-dir", data, "--k-root", "3", "--k-nested", "2"], work)
-    run_script("step_3/train.py", ["--quick", "--data-dir", data], work)
-    run_script("step_3/analyze_predictions.py", [], work)
+    for step in (step for step in steps if step >= 3):
+        run_script(f"step_{step}/train.py", ["--quick", "--data-dir", data], work)
+        run_script(f"step_{step}/analyze_predictions.py", [], work)
 
 
 def free_port() -> int:
@@ -200,12 +206,16 @@ class Page:
     height: int = HEIGHT
 
 
-def plan_pages(client: mlflow.MlflowClient) -> list[Page]:
-    """The five pages, with ids and run names read back through MLflow's client."""
+def plan_pages(client: mlflow.MlflowClient, steps: list[int]) -> list[Page]:
+    """The pages of the chosen steps, with ids and run names read back through MLflow's client."""
+    return [page for step in steps for page in {2: step2_pages, 3: step3_pages, 4: step4_pages}[step](client)]
+
+
+def step2_pages(client: mlflow.MlflowClient) -> list[Page]:
+    """Step 2's runs table, root run and metric charts."""
     step2 = client.get_experiment_by_name("step_2")
-    step3 = client.get_experiment_by_name("step_3")
-    if step2 is None or step3 is None:
-        sys.exit("found no experiment 'step_2' or 'step_3' in the temporary MLflow store.")
+    if step2 is None:
+        sys.exit("found no experiment 'step_2' in the temporary MLflow store.")
 
     exp = step2.experiment_id
     root = newest(client, exp, "tags.run_level = 'root'", "step-2 root run")
@@ -234,7 +244,14 @@ def plan_pages(client: mlflow.MlflowClient) -> list[Page]:
             height=1080,  # room for a second row of charts
         ),
     ]
+    return pages
 
+
+def step3_pages(client: mlflow.MlflowClient) -> list[Page]:
+    """Step 3's runs table with the folds, and the forest plot."""
+    step3 = client.get_experiment_by_name("step_3")
+    if step3 is None:
+        sys.exit("found no experiment 'step_3' in the temporary MLflow store.")
     exp = step3.experiment_id
     root = newest(client, exp, "tags.run_level = 'root'", "step-3 root run")
     folds = children(client, root)
@@ -243,7 +260,7 @@ def plan_pages(client: mlflow.MlflowClient) -> list[Page]:
     fold_phases = children(client, folds[0])
     columns = ["tags.`run_level`", "tags.`root_split_id`", "tags.`nested_split_id`", "tags.`phase`"]
     columns += ["metrics.`dev_roc_auc`", "metrics.`test_roc_auc`", "attributes.`Models`"]
-    pages += [
+    return [
         Page(
             "step3_folds.png",
             f"/experiments/{exp}/runs",
@@ -257,7 +274,43 @@ def plan_pages(client: mlflow.MlflowClient) -> list[Page]:
             " && document.body.innerText.includes('forest_plot.png')",
         ),
     ]
-    return pages
+
+
+def step4_pages(client: mlflow.MlflowClient) -> list[Page]:
+    """Step 4's runs table with a fold's trials, the trials' parallel coordinates, the chosen values."""
+    step4 = client.get_experiment_by_name("step_4")
+    if step4 is None:
+        sys.exit("found no experiment 'step_4' in the temporary MLflow store.")
+    exp = step4.experiment_id
+    root = newest(client, exp, "tags.run_level = 'root'", "step-4 root run")
+    folds = children(client, root)
+    if not folds:
+        sys.exit("the step-4 root run has no child (fold) runs; did step_4/train.py change its run tree?")
+    fold_children = children(client, folds[0])
+    trials = [run for run in fold_children if run.data.tags.get("run_level") == "trial"]
+    columns = ["tags.`run_level`", "tags.`root_split_id`", "tags.`nested_split_id`", "tags.`trial_state`"]
+    columns += ["metrics.`dev_roc_auc`", "metrics.`test_roc_auc`", "tags.`refit_check`"]
+    columns += [f"params.`{name}`" for name in ("head_hidden", "dropout", "warmup_lr", "finetune_lr")]
+    ids = json.dumps([run.info.run_id for run in trials], separators=(",", ":"))
+    return [
+        Page(
+            "step4_trials.png",
+            f"/experiments/{exp}/runs",
+            js_has_texts([run.info.run_name for run in [root, *folds, *fold_children]]),
+            table_storage(exp, [root.info.run_id, folds[0].info.run_id], columns),  # the first fold shows its trials
+        ),
+        Page(
+            "step4_parallel.png",
+            f"/compare-runs?runs={ids}&experiments={json.dumps([exp])}",
+            "[...document.querySelectorAll('.js-plotly-plot')].some(p => p.querySelector('.parcoords'))",
+        ),
+        Page(
+            "step4_chosen.png",
+            f"/experiments/{exp}/runs/{root.info.run_id}/artifacts/figures/chosen_hyperparameters.png",
+            "[...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)"
+            " && document.body.innerText.includes('chosen_hyperparameters.png')",
+        ),
+    ]
 
 
 class Browser:
@@ -391,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reuse", type=Path, metavar="DIR", help="a directory kept by --keep: skip the runs, photograph it again"
     )
+    parser.add_argument("--steps", type=int, nargs="+", choices=[2, 3, 4], default=[2, 3, 4], help="which steps")
     args = parser.parse_args(argv)
     if args.reuse and not (args.reuse / "mlflow.db").is_file():
         sys.exit(f"--reuse {args.reuse}: no mlflow.db there; give a directory that --keep printed.")
@@ -402,14 +456,14 @@ def main(argv: list[str] | None = None) -> None:
     server, written, not_ready = None, [], []
     try:
         if not args.reuse:
-            make_runs(work)
-        pages = plan_pages(mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}"))
+            make_runs(work, args.steps)
+        pages = plan_pages(mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}"), args.steps)
         port = free_port()
         print(f"Starting mlflow ui on http://127.0.0.1:{port}", flush=True)
         server = start_ui(work, port)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         for page in pages:
-            url = f"http://127.0.0.1:{port}/#{page.path}?{ML_VIEW}"
+            url = f"http://127.0.0.1:{port}/#{page.path}{'&' if '?' in page.path else '?'}{ML_VIEW}"
             out = args.out_dir / page.name
             print(f"  {page.name} <- {url}", flush=True)
             try:

@@ -36,7 +36,17 @@ def run_script(
     return proc
 
 
-STEP_LOCAL = ("pets", "runs", "provenance", "splits", "resume", "train", "analyze_predictions", "make_dataset_splits")
+STEP_LOCAL = (
+    "pets",
+    "runs",
+    "provenance",
+    "splits",
+    "resume",
+    "studies",
+    "train",
+    "analyze_predictions",
+    "make_dataset_splits",
+)
 
 
 def load_step_module(step: str, name: str):

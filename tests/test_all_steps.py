@@ -17,7 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 
 STEPS = sorted(p.name for p in REPO.glob("step_*") if p.is_dir())
 LESSONS = {"train.py", "analyze_predictions.py"}  # each step's own lesson: these differ on purpose
-REWRITTEN: dict[tuple[str, str], str] = {}  # (step, module) whose idea changes a helper module, and why
+REWRITTEN: dict[tuple[str, str], str] = {  # (step, module) whose idea changes a helper module, and why
+    ("step_4", "runs.py"): "a trial stopped by the pruner ends its runs FINISHED, not FAILED",
+    ("step_4", "resume.py"): "several workers share a fold's search: only one of them refits it",
+}
 
 
 def test_helper_modules_are_copied_unchanged_from_the_previous_step():
@@ -86,6 +89,7 @@ BAD_FLAGS = [  # (script, flag, bad value, what the sentence says); each step th
     ("make_dataset_splits.py", "--k-root", "1", "1 is out of range: give a whole number from 2 up"),
     ("make_dataset_splits.py", "--k-nested", "0", "out of range"),
     ("make_dataset_splits.py", "--seed", "-1", "out of range"),
+    ("train.py", "--n-trials", "0", "0 is out of range: give a whole number from 1 up"),
 ]
 CASES = [
     pytest.param(step, *case, id=f"{step}-{case[0]}{case[1]}={case[2]}")

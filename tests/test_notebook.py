@@ -195,6 +195,15 @@ def test_colab_cells_build_the_right_commands(tmp_path, colab, capsys):
     ]
 
     colab["commands"].clear()
+    ns["STEPS"] = [4]  # the headless run stops at step 3 (time); step 4's cell runs the README's commands
+    exec(cell(nb, "step-4").source, ns)
+    assert colab["commands"] == [
+        [PY, "step_4/make_dataset_splits.py"],
+        [PY, "step_4/train.py", "--quick"],
+        [PY, "step_4/analyze_predictions.py"],
+    ]
+
+    colab["commands"].clear()
     ns["STEPS"] = [1]
     exec(cell(nb, "step-2").source, ns)
     shutil.rmtree(clone / "step_1")

@@ -247,16 +247,31 @@ def step2_pages(client: mlflow.MlflowClient) -> list[Page]:
     return pages
 
 
-def step3_pages(client: mlflow.MlflowClient) -> list[Page]:
-    """Step 3's runs table with the folds, and the forest plot."""
-    step3 = client.get_experiment_by_name("step_3")
-    if step3 is None:
-        sys.exit("found no experiment 'step_3' in the temporary MLflow store.")
-    exp = step3.experiment_id
-    root = newest(client, exp, "tags.run_level = 'root'", "step-3 root run")
+def root_and_folds(client: mlflow.MlflowClient, step: int) -> tuple[str, mlflow.entities.Run, list]:
+    """A cross-validation step's experiment id, its newest root run and that run's fold runs."""
+    experiment = client.get_experiment_by_name(f"step_{step}")
+    if experiment is None:
+        sys.exit(f"found no experiment 'step_{step}' in the temporary MLflow store.")
+    root = newest(client, experiment.experiment_id, "tags.run_level = 'root'", f"step-{step} root run")
     folds = children(client, root)
     if not folds:
-        sys.exit("the step-3 root run has no child (fold) runs; did step_3/train.py change its run tree?")
+        sys.exit(f"the step-{step} root run has no child (fold) runs; did step_{step}/train.py change its run tree?")
+    return experiment.experiment_id, root, folds
+
+
+def figure_page(name: str, exp: str, root: mlflow.entities.Run, figure: str) -> Page:
+    """The root run's artifacts view with one of its figures selected."""
+    return Page(
+        name,
+        f"/experiments/{exp}/runs/{root.info.run_id}/artifacts/figures/{figure}",
+        "[...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)"
+        f" && document.body.innerText.includes('{figure}')",
+    )
+
+
+def step3_pages(client: mlflow.MlflowClient) -> list[Page]:
+    """Step 3's runs table with the folds, and the forest plot."""
+    exp, root, folds = root_and_folds(client, 3)
     fold_phases = children(client, folds[0])
     columns = ["tags.`run_level`", "tags.`root_split_id`", "tags.`nested_split_id`", "tags.`phase`"]
     columns += ["metrics.`dev_roc_auc`", "metrics.`test_roc_auc`", "attributes.`Models`"]
@@ -267,25 +282,13 @@ def step3_pages(client: mlflow.MlflowClient) -> list[Page]:
             js_has_texts([run.info.run_name for run in [root, *folds, *fold_phases]]),
             table_storage(exp, [root.info.run_id, folds[0].info.run_id], columns),  # the first fold shows its phases
         ),
-        Page(
-            "step3_forest_plot.png",
-            f"/experiments/{exp}/runs/{root.info.run_id}/artifacts/figures/forest_plot.png",
-            "[...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)"
-            " && document.body.innerText.includes('forest_plot.png')",
-        ),
+        figure_page("step3_forest_plot.png", exp, root, "forest_plot.png"),
     ]
 
 
 def step4_pages(client: mlflow.MlflowClient) -> list[Page]:
     """Step 4's runs table with a fold's trials, the trials' parallel coordinates, the chosen values."""
-    step4 = client.get_experiment_by_name("step_4")
-    if step4 is None:
-        sys.exit("found no experiment 'step_4' in the temporary MLflow store.")
-    exp = step4.experiment_id
-    root = newest(client, exp, "tags.run_level = 'root'", "step-4 root run")
-    folds = children(client, root)
-    if not folds:
-        sys.exit("the step-4 root run has no child (fold) runs; did step_4/train.py change its run tree?")
+    exp, root, folds = root_and_folds(client, 4)
     fold_children = children(client, folds[0])
     trials = [run for run in fold_children if run.data.tags.get("run_level") == "trial"]
     columns = ["tags.`run_level`", "tags.`root_split_id`", "tags.`nested_split_id`", "tags.`trial_state`"]
@@ -304,12 +307,7 @@ def step4_pages(client: mlflow.MlflowClient) -> list[Page]:
             f"/compare-runs?runs={ids}&experiments={json.dumps([exp])}",
             "[...document.querySelectorAll('.js-plotly-plot')].some(p => p.querySelector('.parcoords'))",
         ),
-        Page(
-            "step4_chosen.png",
-            f"/experiments/{exp}/runs/{root.info.run_id}/artifacts/figures/chosen_hyperparameters.png",
-            "[...document.images].some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)"
-            " && document.body.innerText.includes('chosen_hyperparameters.png')",
-        ),
+        figure_page("step4_chosen.png", exp, root, "chosen_hyperparameters.png"),
     ]
 
 

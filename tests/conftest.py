@@ -98,3 +98,15 @@ def make_standin(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def split_file(make_standin, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The 240-image stand-in and a 3 x 3 split file for it (in a temp folder, not in the shared data): read-only."""
+    data_dir = make_standin(240)
+    path = tmp_path_factory.mktemp("splits") / "dataset_splits.json"
+    run_script(
+        "step_3/make_dataset_splits.py", "--data-dir", str(data_dir), "--k-root", "3", "--k-nested", "3",
+        "--output", str(path), cwd=REPO,
+    )  # fmt: skip
+    return data_dir, path

@@ -31,18 +31,6 @@ from sklearn.metrics import roc_auc_score
 N_SMALL = 240
 
 
-@pytest.fixture(scope="module")
-def split_file(make_standin, tmp_path_factory) -> tuple[Path, Path]:
-    """A 3 x 3 split file for the small stand-in (written next to it in a temp folder, not into the shared data)."""
-    data_dir = make_standin(N_SMALL)
-    path = tmp_path_factory.mktemp("splits") / "dataset_splits.json"
-    run_script(
-        "step_3/make_dataset_splits.py", "--data-dir", str(data_dir), "--k-root", "3", "--k-nested", "3",
-        "--output", str(path), cwd=REPO,
-    )  # fmt: skip
-    return data_dir, path
-
-
 def train_args(split_file: tuple[Path, Path], *extra: str) -> list[str]:
     """The quick step-3 command line on the small stand-in and its split file."""
     data_dir, path = split_file

@@ -19,20 +19,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-N_SMALL = 240
 SEARCHED = {"head_hidden", "dropout", "warmup_lr", "warmup_weight_decay", "finetune_lr", "finetune_weight_decay"}
-
-
-@pytest.fixture(scope="module")
-def split_file(make_standin, tmp_path_factory) -> tuple[Path, Path]:
-    """A 3 x 3 split file for the small stand-in (in a temp folder, not in the shared data)."""
-    data_dir = make_standin(N_SMALL)
-    path = tmp_path_factory.mktemp("splits4") / "dataset_splits.json"
-    run_script(
-        "step_4/make_dataset_splits.py", "--data-dir", str(data_dir), "--k-root", "3", "--k-nested", "3",
-        "--output", str(path), cwd=REPO,
-    )  # fmt: skip
-    return data_dir, path
 
 
 def train_args(split_file: tuple[Path, Path], *extra: str) -> list[str]:

@@ -407,7 +407,8 @@ def log_search_figures(
             "history": "dev ROC AUC of each completed trial",
             "epochs": "dev ROC AUC after each epoch, pruned trials included",
             "importances": f"parameter importances, {n_complete} completed trial(s)"
-            + ("\n(too few to compute them: Optuna shows them as equal)" if too_few else ""),
+            + ("\n(too few to compute them: Optuna shows them as equal)" if too_few else "")
+            + ("\n(from so few trials they say little)" if 1 < n_complete < 10 and not too_few else ""),
         }
         plots["epochs"].set_xlabel("epoch (warm-up epochs first, then fine-tuning)")
         for kind, ax in plots.items():

@@ -726,7 +726,8 @@ def main(argv: list[str] | None = None) -> None:
     splits = load_splits(split_file, folder, labels_by_file)  # stops with one sentence on a leaking or stale file
     folds = choose_folds(splits, args)
     space = QUICK_SEARCH_SPACE if args.quick else SEARCH_SPACE
-    search_key = resume.run_key(splits["digest"], args.seed, args.deterministic, asdict(settings), space, args.pruning)
+    pruning = PRUNING if args.pruning else None
+    search_key = resume.run_key(splits["digest"], args.seed, args.deterministic, asdict(settings), space, pruning)
     key = resume.run_key(search_key, args.n_trials)  # more trials later: a new root run that extends the same studies
     print(
         f"{len(folds)} fold(s) of {split_file}, {args.n_trials} trials each | {settings.backbone} at "
@@ -759,7 +760,7 @@ def main(argv: list[str] | None = None) -> None:
                 search_setup = {
                     "search_space": space,
                     "sampler": "TPESampler, seeded per trial from (seed, root split, nested split, trial slot)",
-                    "pruner": {"MedianPruner": PRUNING} if args.pruning else None,
+                    "pruner": {"MedianPruner": pruning} if args.pruning else None,
                     "n_trials": args.n_trials,
                     "storage": studies.describe(args.storage),
                 }

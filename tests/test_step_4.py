@@ -134,6 +134,23 @@ def test_analysis_shows_the_searches_and_the_chosen_values(search):
     assert "Model check: 2 of 2 fold models reproduce their logged test scores bit for bit" in out
 
 
+def main_in_process(train: object, argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.main(argv) in this process, from `cwd` with its default stores; MLflow's and the signals' state
+    (the active experiment, the tracking URI, the stop handlers) are put back afterwards."""
+    monkeypatch.chdir(cwd)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # set_experiment sets it
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.main(argv)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment also sets it for subprocesses
+
+
 def test_test_labels_never_reach_the_search(search, split_file, tmp_path, monkeypatch):
     """Every test label of outer fold 0 flipped: the search makes exactly the same trials and choice, and only the
     test ROC AUC changes (to 1 - the original: proof that the flipped labels were used where they belong)."""
@@ -148,15 +165,7 @@ def test_test_labels_never_reach_the_search(search, split_file, tmp_path, monkey
         return splits
 
     monkeypatch.setattr(train, "load_splits", flipped_test_labels)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train.main(train_args(split_file, "--root-split", "0", "--nested-split", "0"))
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        mlflow.set_tracking_uri(None)
+    main_in_process(train, train_args(split_file, "--root-split", "0", "--nested-split", "0"), tmp_path, monkeypatch)
     (scrambled,) = fold_runs(client_in(tmp_path))[(0, 0)]
     (original,) = fold_runs(search["client"])[(0, 0)]
     (study,) = studies_in(tmp_path).values()
@@ -177,15 +186,8 @@ def test_a_refit_that_differs_is_tagged_and_reported(split_file, tmp_path, monke
         return real_train_and_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_and_evaluate", unseeded_refit)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train.main(train_args(split_file, "--root-split", "1", "--nested-split", "0", "--n-trials", "1"))
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        mlflow.set_tracking_uri(None)
+    args = train_args(split_file, "--root-split", "1", "--nested-split", "0", "--n-trials", "1")
+    main_in_process(train, args, tmp_path, monkeypatch)
     (fold,) = fold_runs(client_in(tmp_path))[(1, 0)]
     assert fold.data.tags["refit_check"] == "differs"
     assert fold.data.metrics["refit_dev_roc_auc_difference"] != 0

@@ -269,19 +269,26 @@ def figure_page(name: str, exp: str, root: mlflow.entities.Run, figure: str) -> 
     )
 
 
+def folds_table_page(
+    client: mlflow.MlflowClient, name: str, exp: str, root: mlflow.entities.Run, folds: list, columns: list[str]
+) -> Page:
+    """The runs table with the root run and its first fold expanded (that fold's child runs shown)."""
+    shown = [root, *folds, *children(client, folds[0])]
+    return Page(
+        name,
+        f"/experiments/{exp}/runs",
+        js_has_texts([run.info.run_name for run in shown]),
+        table_storage(exp, [root.info.run_id, folds[0].info.run_id], columns),
+    )
+
+
 def step3_pages(client: mlflow.MlflowClient) -> list[Page]:
     """Step 3's runs table with the folds, and the forest plot."""
     exp, root, folds = root_and_folds(client, 3)
-    fold_phases = children(client, folds[0])
     columns = ["tags.`run_level`", "tags.`root_split_id`", "tags.`nested_split_id`", "tags.`phase`"]
     columns += ["metrics.`dev_roc_auc`", "metrics.`test_roc_auc`", "attributes.`Models`"]
     return [
-        Page(
-            "step3_folds.png",
-            f"/experiments/{exp}/runs",
-            js_has_texts([run.info.run_name for run in [root, *folds, *fold_phases]]),
-            table_storage(exp, [root.info.run_id, folds[0].info.run_id], columns),  # the first fold shows its phases
-        ),
+        folds_table_page(client, "step3_folds.png", exp, root, folds, columns),
         figure_page("step3_forest_plot.png", exp, root, "forest_plot.png"),
     ]
 
@@ -289,19 +296,13 @@ def step3_pages(client: mlflow.MlflowClient) -> list[Page]:
 def step4_pages(client: mlflow.MlflowClient) -> list[Page]:
     """Step 4's runs table with a fold's trials, the trials' parallel coordinates, the chosen values."""
     exp, root, folds = root_and_folds(client, 4)
-    fold_children = children(client, folds[0])
-    trials = [run for run in fold_children if run.data.tags.get("run_level") == "trial"]
+    trials = [run for run in children(client, folds[0]) if run.data.tags.get("run_level") == "trial"]
     columns = ["tags.`run_level`", "tags.`root_split_id`", "tags.`nested_split_id`", "tags.`trial_state`"]
     columns += ["metrics.`dev_roc_auc`", "metrics.`test_roc_auc`", "tags.`refit_check`"]
     columns += [f"params.`{name}`" for name in ("head_hidden", "dropout", "warmup_lr", "finetune_lr")]
     ids = json.dumps([run.info.run_id for run in trials], separators=(",", ":"))
     return [
-        Page(
-            "step4_trials.png",
-            f"/experiments/{exp}/runs",
-            js_has_texts([run.info.run_name for run in [root, *folds, *fold_children]]),
-            table_storage(exp, [root.info.run_id, folds[0].info.run_id], columns),  # the first fold shows its trials
-        ),
+        folds_table_page(client, "step4_trials.png", exp, root, folds, columns),
         Page(
             "step4_parallel.png",
             f"/compare-runs?runs={ids}&experiments={json.dumps([exp])}",

@@ -103,8 +103,6 @@ def open_study(storage: str, name: str, pruner: optuna.pruners.BasePruner) -> op
             study_name=name, storage=open_storage(storage), direction="maximize", pruner=pruner, load_if_exists=True
         )
     except Exception as error:  # noqa: BLE001 - an unreachable database, a bad URL: say which storage failed
-        if isinstance(error, SystemExit):
-            raise
         raise SystemExit(f"--storage {describe(storage)}: could not open Optuna study {name} ({error}).") from None
 
 

@@ -20,7 +20,7 @@ Run from the repository root:
     python step_1/download_data.py --synthetic  # the offline stand-in (without --synthetic: the real data)
     python step_4/make_dataset_splits.py        # data/oxfordiii/dataset_splits.json, 10 x 10 folds, made once
     python step_4/train.py                      # the first 2 x 2 folds, 3 trials each; DenseNet-121: use a GPU
-    python step_4/train.py --quick              # same code path at smoke size on a CPU (~3 min on 2 cores)
+    python step_4/train.py --quick              # same code path at smoke size on a CPU (~4 min on 2 cores)
     python step_4/train.py --quick --num-threads 1 &  # twice at once: two workers share the trials
     python step_4/analyze_predictions.py        # per-fold metrics, 95% interval, the searches and chosen values
 """

@@ -5,11 +5,12 @@ Run from the repository root (needs headless Chromium; on Debian/Ubuntu, as root
     .venv/bin/python docs/make_screenshots.py          # 5-10 min on 2 cores; rewrites docs/img/*.png
     .venv/bin/python docs/make_screenshots.py --keep   # also keep the temporary directory (data, mlflow.db, mlruns/)
     .venv/bin/python docs/make_screenshots.py --reuse DIR   # photograph a kept directory again, without training
-    .venv/bin/python docs/make_screenshots.py --steps 4     # only step 4's runs and pictures
+    .venv/bin/python docs/make_screenshots.py --steps 4     # only step 4's runs and pictures (3 and 5 alike)
 
-In a fresh temporary directory it builds a 300-image stand-in, runs steps 2, 3 and 4 at --quick size with the
-README's commands (MLflow's default store, ./mlflow.db and ./mlruns/, lands there), starts `mlflow ui` on a free
-port and photographs these pages at 1600 x 1000 CSS pixels:
+In a fresh temporary directory it builds a 300-image stand-in, runs steps 2 to 5 at --quick size with the
+README's commands, and step 5 again with `--from-run` and one setting changed (MLflow's default store,
+./mlflow.db and ./mlruns/, lands there), starts `mlflow ui` on a free port and photographs these pages at
+1600 x 1000 CSS pixels:
 
     step2_runs.png         the step_2 experiment's runs table: the root run expanded to its warmup/finetune runs
     step2_run.png          the step-2 root run's overview page (parameters, tags)
@@ -19,6 +20,8 @@ port and photographs these pages at 1600 x 1000 CSS pixels:
     step4_trials.png       the step_4 experiment's runs table: root run → fold runs, the first fold → trials, refit
     step4_parallel.png     the first fold's trial runs compared: the parallel coordinates plot of their parameters
     step4_chosen.png       the step-4 root run's artifacts view with figures/chosen_hyperparameters.png selected
+    step5_verdict.png      the step_5 experiment's runs table: the root run and its rerun, with overrides and verdict
+    step5_report.png       the step-5 root run's artifacts view with analysis/reproducibility_report.md selected
 
 Every UI link ends in `?workflowType=machine_learning`: without it MLflow 3.17 opens its GenAI view.
 
@@ -110,8 +113,14 @@ def make_runs(work: Path, steps: list[int]) -> None:
         run_script("step_2/analyze_predictions.py", [], work)
     run_script("step_3/make_dataset_splits.py", ["--data-dir", data, "--k-root", "3", "--k-nested", "2"], work)
     for step in (step for step in steps if step >= 3):
-        run_script(f"step_{step}/train.py", ["--quick", "--data-dir", data], work)
+        where = ["--data-dir", data] if step < 5 else ["--set", f"data.data_dir={data}"]  # step 5: a config key
+        run_script(f"step_{step}/train.py", ["--quick", *where], work)
         run_script(f"step_{step}/analyze_predictions.py", [], work)
+    if 5 in steps:  # run the step-5 root run again with one setting changed: the rerun ends with a verdict
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+        _, root, _ = root_and_folds(client, 5)
+        change = ["--set", "cv.root_split=0", "--set", "cv.nested_split=0", "--set", "training.finetune_epochs=1"]
+        run_script("step_5/train.py", ["--from-run", root.info.run_id, *change], work)
 
 
 def free_port() -> int:
@@ -165,6 +174,14 @@ def newest(client: mlflow.MlflowClient, experiment_id: str, filter_string: str, 
     return runs[0]
 
 
+def experiment_id(client: mlflow.MlflowClient, step: int) -> str:
+    """The id of a step's experiment, or exit saying it is missing."""
+    experiment = client.get_experiment_by_name(f"step_{step}")
+    if experiment is None:
+        sys.exit(f"found no experiment 'step_{step}' in the temporary MLflow store.")
+    return experiment.experiment_id
+
+
 def children(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> list[mlflow.entities.Run]:
     """The child runs of `run`, oldest first."""
     return client.search_runs(
@@ -208,16 +225,13 @@ class Page:
 
 def plan_pages(client: mlflow.MlflowClient, steps: list[int]) -> list[Page]:
     """The pages of the chosen steps, with ids and run names read back through MLflow's client."""
-    return [page for step in steps for page in {2: step2_pages, 3: step3_pages, 4: step4_pages}[step](client)]
+    pages = {2: step2_pages, 3: step3_pages, 4: step4_pages, 5: step5_pages}
+    return [page for step in steps for page in pages[step](client)]
 
 
 def step2_pages(client: mlflow.MlflowClient) -> list[Page]:
     """Step 2's runs table, root run and metric charts."""
-    step2 = client.get_experiment_by_name("step_2")
-    if step2 is None:
-        sys.exit("found no experiment 'step_2' in the temporary MLflow store.")
-
-    exp = step2.experiment_id
+    exp = experiment_id(client, 2)
     root = newest(client, exp, "tags.run_level = 'root'", "step-2 root run")
     phases = children(client, root)
     finetune = next((run for run in phases if run.data.tags.get("phase") == "finetune"), None)
@@ -249,14 +263,12 @@ def step2_pages(client: mlflow.MlflowClient) -> list[Page]:
 
 def root_and_folds(client: mlflow.MlflowClient, step: int) -> tuple[str, mlflow.entities.Run, list]:
     """A cross-validation step's experiment id, its newest root run and that run's fold runs."""
-    experiment = client.get_experiment_by_name(f"step_{step}")
-    if experiment is None:
-        sys.exit(f"found no experiment 'step_{step}' in the temporary MLflow store.")
-    root = newest(client, experiment.experiment_id, "tags.run_level = 'root'", f"step-{step} root run")
+    exp = experiment_id(client, step)
+    root = newest(client, exp, "tags.run_level = 'root'", f"step-{step} root run")
     folds = children(client, root)
     if not folds:
         sys.exit(f"the step-{step} root run has no child (fold) runs; did step_{step}/train.py change its run tree?")
-    return experiment.experiment_id, root, folds
+    return exp, root, folds
 
 
 def figure_page(name: str, exp: str, root: mlflow.entities.Run, figure: str) -> Page:
@@ -309,6 +321,29 @@ def step4_pages(client: mlflow.MlflowClient) -> list[Page]:
             "[...document.querySelectorAll('.js-plotly-plot')].some(p => p.querySelector('.parcoords'))",
         ),
         figure_page("step4_chosen.png", exp, root, "chosen_hyperparameters.png"),
+    ]
+
+
+def step5_pages(client: mlflow.MlflowClient) -> list[Page]:
+    """Step 5's runs table with the original root run and its rerun, and the reproducibility report."""
+    exp = experiment_id(client, 5)
+    rerun = newest(client, exp, "tags.run_level = 'root' AND tags.reproduces != ''", "step-5 rerun (--from-run)")
+    original = client.get_run(rerun.data.tags["reproduces"])
+    columns = ["tags.`run_level`", "tags.`reproduces`", "tags.`config_overrides`", "tags.`reproduction_verdict`"]
+    columns += ["metrics.`dev_roc_auc`", "metrics.`test_roc_auc`", "params.`training.finetune_epochs`"]
+    shown = [original, rerun, *children(client, original), *children(client, rerun)]
+    return [
+        Page(
+            "step5_verdict.png",
+            f"/experiments/{exp}/runs",
+            js_has_texts([run.info.run_name for run in shown]),
+            table_storage(exp, [original.info.run_id, rerun.info.run_id], columns),
+        ),
+        Page(
+            "step5_report.png",
+            f"/experiments/{exp}/runs/{original.info.run_id}/artifacts/analysis/reproducibility_report.md",
+            "document.body.innerText.includes('For a person to fill in')",
+        ),
     ]
 
 
@@ -443,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reuse", type=Path, metavar="DIR", help="a directory kept by --keep: skip the runs, photograph it again"
     )
-    parser.add_argument("--steps", type=int, nargs="+", choices=[2, 3, 4], default=[2, 3, 4], help="which steps")
+    parser.add_argument("--steps", type=int, nargs="+", choices=[2, 3, 4, 5], default=[2, 3, 4, 5], help="which steps")
     args = parser.parse_args(argv)
     if args.reuse and not (args.reuse / "mlflow.db").is_file():
         sys.exit(f"--reuse {args.reuse}: no mlflow.db there; give a directory that --keep printed.")

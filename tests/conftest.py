@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import mlflow
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +38,23 @@ def run_script(
     return proc
 
 
+def main_in_process(train: object, argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.main(argv) in this process, from `cwd` with its default stores; MLflow's and the signals' state
+    (the active experiment, the tracking URI, the stop handlers) are put back afterwards."""
+    monkeypatch.chdir(cwd)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # set_experiment sets it
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.main(argv)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment also sets it for subprocesses
+
+
 STEP_LOCAL = (
     "pets",
     "runs",
@@ -43,6 +62,11 @@ STEP_LOCAL = (
     "splits",
     "resume",
     "studies",
+    "settings",
+    "config",
+    "config_quick",
+    "reproduce",
+    "report",
     "train",
     "analyze_predictions",
     "make_dataset_splits",
@@ -110,3 +134,16 @@ def split_file(make_standin, tmp_path_factory: pytest.TempPathFactory) -> tuple[
         "--output", str(path), cwd=REPO,
     )  # fmt: skip
     return data_dir, path
+
+
+@pytest.fixture(scope="session")
+def step4_search(split_file, tmp_path_factory) -> dict:
+    """Step 4 quick on folds 0/0 and 0/1 of the split file, three trials each, uninterrupted; then the analysis.
+
+    Shared by step 4's tests and by step 5's, which must choose and measure exactly the same."""
+    data_dir, path = split_file
+    cwd = tmp_path_factory.mktemp("step4")
+    args = ["--quick", "--data-dir", str(data_dir), "--split-file", str(path), "--num-workers", "0"]
+    first = run_script("step_4/train.py", *args, "--n-root-splits", "1", cwd=cwd)
+    analysis = run_script("step_4/analyze_predictions.py", cwd=cwd)
+    return {"cwd": cwd, "first": first, "analysis": analysis}

@@ -20,6 +20,7 @@ LESSONS = {"train.py", "analyze_predictions.py"}  # each step's own lesson: thes
 REWRITTEN: dict[tuple[str, str], str] = {  # (step, module) whose idea changes a helper module, and why
     ("step_4", "runs.py"): "a trial stopped by the pruner ends its runs FINISHED, not FAILED",
     ("step_4", "resume.py"): "several workers share a fold's search: only one of them refits it",
+    ("step_5", "make_dataset_splits.py"): "the image check's size now comes from the quick config file",
 }
 
 
@@ -55,15 +56,26 @@ class TinyImages(Dataset):
         return self.images[index] * 3 + 1, torch.tensor(float(self.labels[index]))  # far from BatchNorm's stats
 
 
+def quick_settings(train) -> tuple[object, object]:
+    """The quick settings with one warm-up epoch and no fine-tuning: for build_model, and for fit. From step 5 on
+    they come from the quick config file, each hyper-parameter at the low end of its range."""
+    if hasattr(train, "QUICK"):
+        settings = dataclasses.replace(train.QUICK, warmup_epochs=1, finetune_epochs=0)
+        return settings, settings
+    config, _ = train.load(train.QUICK_CONFIG, ["training.warmup_epochs=1", "training.finetune_epochs=0"])
+    config = train.resolve(config, lambda _, hp: hp.choices[0] if hasattr(hp, "choices") else hp.low)
+    return config.model, config.training
+
+
 @pytest.mark.parametrize("step", STEPS)
 def test_warm_up_keeps_the_frozen_backbone_still(step, tmp_path, monkeypatch):
     """One warm-up epoch through `fit`: the head learns, the backbone's weights and BatchNorm statistics do not
     move (a frozen backbone left in train mode would update its running means)."""
     train = load_step_module(step, "train")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    settings = dataclasses.replace(train.QUICK, warmup_epochs=1, finetune_epochs=0)
+    model_settings, settings = quick_settings(train)
     torch.manual_seed(0)
-    model = train.build_model(settings)
+    model = train.build_model(model_settings)
     loaders = {name: DataLoader(TinyImages(16, seed), batch_size=8) for seed, name in enumerate(("warmup", "dev"))}
     loaders["train"] = loaders["warmup"]
     before = {k: v.clone() for k, v in model.state_dict().items()}

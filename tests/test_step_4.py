@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import REPO, load_step_module, run_script
+from conftest import REPO, load_step_module, main_in_process, run_script
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -58,12 +58,10 @@ def by_slot(study: optuna.Study) -> dict[int, tuple]:
 
 
 @pytest.fixture(scope="module")
-def search(split_file, tmp_path_factory) -> dict:
-    """Folds 0/0 and 0/1, three trials each, uninterrupted; then the analysis."""
-    cwd = tmp_path_factory.mktemp("step4")
-    first = run_script("step_4/train.py", *train_args(split_file, "--n-root-splits", "1"), cwd=cwd)
-    analysis = run_script("step_4/analyze_predictions.py", cwd=cwd)
-    return {"cwd": cwd, "first": first, "analysis": analysis, "client": client_in(cwd), "studies": studies_in(cwd)}
+def search(step4_search) -> dict:
+    """Folds 0/0 and 0/1, three trials each, uninterrupted; then the analysis (conftest.py)."""
+    cwd = step4_search["cwd"]
+    return {**step4_search, "client": client_in(cwd), "studies": studies_in(cwd)}
 
 
 def test_run_tree_and_trial_counts(search):
@@ -132,23 +130,6 @@ def test_analysis_shows_the_searches_and_the_chosen_values(search):
     for (fold,) in fold_runs(client).values():
         assert f"{float(fold.data.params['dropout']):.3g}" in out
     assert "Model check: 2 of 2 fold models reproduce their logged test scores bit for bit" in out
-
-
-def main_in_process(train: object, argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """train.main(argv) in this process, from `cwd` with its default stores; MLflow's and the signals' state
-    (the active experiment, the tracking URI, the stop handlers) are put back afterwards."""
-    monkeypatch.chdir(cwd)
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # set_experiment sets it
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train.main(argv)
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        mlflow.set_tracking_uri(None)
-        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment also sets it for subprocesses
 
 
 def test_test_labels_never_reach_the_search(search, split_file, tmp_path, monkeypatch):

@@ -1,0 +1,183 @@
+"""Reproduce a logged step-5 run from what MLflow recorded, and say whether the result came back.
+
+`fetch` reads a root run's record: its resolved config (JSON: data only, never code), its seed, determinism and
+thread count, and the split file it logged, checked against the recorded digest. `environment_differences` lists
+what is not as it was (code, packages, hardware, data); `judge` compares the new run's folds with the original's
+and gives each fold, and the whole, a verdict:
+
+- identical: every fold's metrics and chosen hyper-parameters are equal bit for bit;
+- within noise: a metric moved, but by less than it varies between the original's folds (the standard deviation
+  of dev and test ROC AUC across folds), so the change is smaller than what choosing other folds does;
+- different: some fold moved by more than that (or the original has one fold: no spread to judge noise by).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small files: no bars
+
+from provenance import git_state, installed_distributions, software_and_hardware
+
+FOLD_METRICS = ("dev_roc_auc", "test_roc_auc", "threshold")  # all must be equal for "identical"
+NOISE_METRICS = ("dev_roc_auc", "test_roc_auc")  # judged against their spread between the original's folds
+
+
+@dataclass
+class Original:
+    """What a logged root run recorded: enough to run it again."""
+
+    run: mlflow.entities.Run
+    config: dict  # the resolved config, as JSON
+    split_file: Path  # the logged copy, digest checked
+    seed: int
+    deterministic: bool
+    num_threads: int
+
+
+def fetch(run_id: str, experiment: str) -> Original:
+    """The record of a finished root run of `experiment`; one sentence when the run is not one."""
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise SystemExit(f"--from-run {run_id}: no such run in {mlflow.get_tracking_uri()}.") from None
+    name = client.get_experiment(run.info.experiment_id).name
+    tags, params = run.data.tags, run.data.params
+    if name != experiment or tags.get("run_level") != "root":
+        raise SystemExit(
+            f"--from-run {run_id}: a {tags.get('run_level', 'non-step')} run of experiment {name!r}; give the id of a "
+            f"root run of {experiment!r} (the top run in the UI)."
+        )
+    folder = Path(tempfile.mkdtemp(prefix=f"reproduce-{run_id[:8]}-"))  # the new run logs its own copy
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    try:
+        config = json.loads(
+            Path(client.download_artifacts(run_id, "config/resolved_config.json", str(folder))).read_text()
+        )
+        split_file = Path(client.download_artifacts(run_id, "splits", str(folder)))
+    except (MlflowException, OSError) as error:
+        raise SystemExit(f"--from-run {run_id}: its config or split file is not in its artifacts ({error}).") from None
+    (split_file,) = split_file.glob("*.json")
+    if hashlib.sha256(split_file.read_bytes()).hexdigest() != tags.get("split_file_digest"):
+        raise SystemExit(
+            f"--from-run {run_id}: the logged split file's digest is not the recorded split_file_digest: the "
+            "artifact was changed after the run; it cannot be reproduced from this record."
+        )
+    if not ("seed" in params and "deterministic" in params and "env.torch_threads" in tags):
+        raise SystemExit(
+            f"--from-run {run_id}: its record has no seed, deterministic or env.torch_threads to rerun with."
+        )
+    return Original(
+        run, config, split_file, int(params["seed"]), params["deterministic"] == "True", int(tags["env.torch_threads"])
+    )
+
+
+def environment_differences(original: Original, code_dir: Path, device: torch.device) -> list[str]:
+    """What differs from the original's record: git commit and dirty state, packages, hardware, data digest."""
+    tags = original.run.data.tags
+    state = git_state(code_dir)
+    now = {
+        "git_commit": state["commit"],
+        "git_dirty": state["dirty"],
+        **{f"env.{key}": value for key, value in software_and_hardware(device).items()},
+    }
+    differences = [
+        f"{key}: {tags[key]} then, {value} now" for key, value in now.items() if key in tags and tags[key] != value
+    ]
+    try:
+        then = set(
+            mlflow.artifacts.load_text(
+                f"{original.run.info.artifact_uri}/provenance/installed_distributions.txt"
+            ).split()
+        )
+    except MlflowException:
+        then = set()
+    changed = sorted(set(installed_distributions().split()) ^ then)
+    if then and changed:
+        names = sorted({line.split("==")[0] for line in changed})
+        differences.append(
+            f"installed packages: {len(names)} differ ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+        )
+    return differences
+
+
+def fold_runs(client: mlflow.MlflowClient, root: mlflow.entities.Run) -> dict[tuple[int, int], mlflow.entities.Run]:
+    """The latest completed fold run of each fold with the root's run key."""
+    query = f"tags.run_level = 'fold' AND tags.run_key = '{root.data.tags['run_key']}' AND tags.fold_complete = 'true'"
+    latest: dict[tuple[int, int], mlflow.entities.Run] = {}
+    for run in client.search_runs([root.info.experiment_id], query, order_by=["attributes.start_time ASC"]):
+        latest[(int(run.data.tags["root_split_id"]), int(run.data.tags["nested_split_id"]))] = run
+    return latest
+
+
+def verdict_of(old: dict[str, float], new: dict[str, float], same_choice: bool, spread: dict[str, float]) -> str:
+    """One fold's verdict from its metrics before and after, whether it chose the same values, and the spread.
+
+    identical: the same choice and every metric equal bit for bit; within noise: every NOISE_METRICS change
+    smaller than that metric's spread between the original's folds; different: otherwise."""
+    if same_choice and all(new[m] == old[m] for m in FOLD_METRICS):
+        return "identical"
+    return "within noise" if all(abs(new[m] - old[m]) < spread[m] for m in NOISE_METRICS) else "different"
+
+
+def judge(original: Original, new_root_id: str, searched: list[str], overrides: list[str]) -> dict:
+    """Each fold's verdict and the overall one, printed, tagged on the fold runs and the new root, and logged."""
+    client = mlflow.MlflowClient()
+    before, after = fold_runs(client, original.run), fold_runs(client, client.get_run(new_root_id))
+    spread = {
+        metric: float(np.std([run.data.metrics[metric] for run in before.values()], ddof=1)) if len(before) > 1 else 0.0
+        for metric in NOISE_METRICS
+    }
+    folds = {}
+    for fold, new in after.items():
+        if fold not in before:
+            continue
+        old = before[fold]
+        changes = {m: new.data.metrics[m] - old.data.metrics[m] for m in FOLD_METRICS}
+        same_choice = all(new.data.params.get(p) == old.data.params.get(p) for p in searched)
+        verdict = verdict_of(old.data.metrics, new.data.metrics, same_choice, spread)
+        if verdict == "identical":
+            detail = "every metric and chosen value equal bit for bit"
+        else:
+            # the metric that moved most, relative to how much it varies between folds
+            worst = max(NOISE_METRICS, key=lambda m: abs(changes[m]) / (spread[m] or 1e-12))
+            detail = (
+                f"{worst} {old.data.metrics[worst]:.4f} -> {new.data.metrics[worst]:.4f} ({changes[worst]:+.4f}; "
+                f"spread between folds {spread[worst]:.4f})"
+                + ("" if same_choice else "; other hyper-parameters chosen")
+            )
+        folds[f"{fold[0]}/{fold[1]}"] = {"verdict": verdict, "detail": detail, "changes": changes}
+        client.set_tag(new.info.run_id, "reproduction_verdict", verdict)
+    verdicts = [f["verdict"] for f in folds.values()]
+    overall = (
+        next((v for v in ("different", "within noise") if v in verdicts), "identical") if verdicts else "no common fold"
+    )
+    result = {
+        "reproduces": original.run.info.run_id,
+        "overall": overall,
+        "spread_between_folds": spread,
+        "folds": folds,
+    }
+    if len(before) < 2 and overall != "identical":
+        result["note"] = "the original has one fold: there is no spread between folds to judge noise by"
+    changed = f" with --set {' '.join(overrides)}" if overrides else ""
+    print(f"\nReproduction of run {original.run.info.run_id}{changed}, fold by fold:")
+    for name, fold in folds.items():
+        print(f"  fold {name}: {fold['verdict']}: {fold['detail']}")
+    print(f"Overall: {overall.upper()}" + (f" ({result['note']})" if "note" in result else ""))
+    mlflow.log_dict(result, "reproduction/verdict.json")
+    mlflow.set_tag("reproduction_verdict", overall)
+    return result

@@ -1,0 +1,116 @@
+"""Resume for step 4: find the work already done, through MLflow alone.
+
+A root run and its fold runs carry a run key, a short hash of what decides their results (split file, seed,
+settings). The same command again finds the root run with that key, and a fold counts as done only when its
+completion tag is there: a FINISHED status alone proves nothing (MLflow's exit hook marks open runs FINISHED).
+Runs also carry `host` and `pid`, so a new invocation can mark KILLED the runs left RUNNING by a dead process.
+Several processes may work on one fold's search at once; `refit_taken` lets only one of them refit it.
+(The finished trials themselves are kept in the Optuna study: studies.py.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import mlflow
+
+import runs
+
+
+def run_key(*parts: object) -> str:
+    """A short hash of everything that decides a run's results (split file, seed, settings)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process runs this: the host and process id that `sweep_dead_runs` checks."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def sweep_dead_runs(client: mlflow.MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process (tags host, pid; children inherit their parent's) is dead.
+
+    Only processes on this host can be checked; a run of a live process, or of another host, is left alone.
+    """
+    running = {r.info.run_id: r for r in client.search_runs([experiment_id], "attributes.status = 'RUNNING'")}
+    killed = []
+    for run_id, run in running.items():
+        owner = run
+        while "pid" not in owner.data.tags and owner.data.tags.get("mlflow.parentRunId"):
+            owner = client.get_run(owner.data.tags["mlflow.parentRunId"])
+        tags = owner.data.tags
+        if tags.get("host") == socket.gethostname() and "pid" in tags and not pid_alive(int(tags["pid"])):
+            client.set_terminated(run_id, "KILLED")
+            killed.append(run_id)
+    if killed:
+        print(f"Marked KILLED {len(killed)} run(s) left RUNNING by a process that no longer exists")
+    return killed
+
+
+def completed_folds(experiment_id: str, key: str) -> set[tuple[int, int]]:
+    """Folds of this run key whose completion tag is there (a FINISHED status alone proves nothing)."""
+    folds = mlflow.MlflowClient().search_runs(
+        [experiment_id], f"tags.run_level = 'fold' AND tags.run_key = '{key}' AND tags.fold_complete = 'true'"
+    )
+    return {(int(r.data.tags["root_split_id"]), int(r.data.tags["nested_split_id"])) for r in folds}
+
+
+def find_root_run(client: mlflow.MlflowClient, experiment_id: str, key: str) -> str | None:
+    """The id of the latest root run with this run key, if any."""
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.run_level = 'root' AND tags.run_key = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def root_run(experiment_id: str, key: str, run_name: str) -> Iterator[tuple[mlflow.ActiveRun, bool]]:
+    """The root run with this run key, reopened, or started when there is none; and whether it is new.
+
+    Runs left RUNNING by a dead process are marked KILLED first. Signals end the root run KILLED (runs.py).
+    """
+    client = mlflow.MlflowClient()
+    sweep_dead_runs(client, experiment_id)
+    root_id = find_root_run(client, experiment_id, key)
+    with runs.tracked_run(run_id=root_id, run_name=run_name) as root:
+        print(f"MLflow run {'reopened' if root_id else 'started'}: {root.info.run_id} (experiment id {experiment_id})")
+        mlflow.set_tags({"run_level": "root", "run_key": key, **owner_tags()})
+        yield root, root_id is None
+
+
+def refit_taken(key: str, fold: tuple[int, int]) -> bool:
+    """Whether another fold run of this run key has refitted this fold, or is refitting it in a live process."""
+    client, mine = mlflow.MlflowClient(), mlflow.active_run()
+    query = (
+        f"tags.run_level = 'fold' AND tags.run_key = '{key}' AND tags.root_split_id = '{fold[0]}' "
+        f"AND tags.nested_split_id = '{fold[1]}' AND tags.refit_started = 'true'"
+    )
+    for run in client.search_runs([mine.info.experiment_id], query):
+        tags = run.data.tags
+        if run.info.run_id == mine.info.run_id or run.info.status not in ("RUNNING", "FINISHED"):
+            continue
+        if tags.get("fold_complete") == "true":
+            return True
+        elsewhere = tags.get("host") != socket.gethostname()  # a process on another host cannot be checked
+        if run.info.status == "RUNNING" and (elsewhere or ("pid" in tags and pid_alive(int(tags["pid"])))):
+            return True
+    return False

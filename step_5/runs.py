@@ -1,0 +1,122 @@
+"""MLflow runs that end the way the work did: stop signals, KILLED runs, the experiment, cheap step logging.
+
+Ctrl-C, `timeout`, `kill` and SLURM signal the whole process group. The handler only sets a flag; the training
+loop calls `check_stop` after every batch, which raises, so every `tracked_run` closes as KILLED (an error
+closes it FAILED) and no run is left RUNNING. A handler that raised by itself could fire inside MLflow or
+DataLoader code and leave runs RUNNING; DataLoader workers ignore the signals and are shut down by the main process.
+A trial stopped by Optuna's pruner ends its runs FINISHED: pruning is a normal end, not a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import mlflow
+import optuna
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+
+STOP_REQUESTED = threading.Event()
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI then shows it as model training
+UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+class StopRequested(Exception):
+    """Raised by the training loop once a stop signal has arrived."""
+
+
+def request_stop(signum: int, _frame: object) -> None:
+    """Signal handler: remember the request; a second Ctrl-C interrupts at once."""
+    STOP_REQUESTED.set()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    print(f"\n{signal.Signals(signum).name} received: stopping after this batch", file=sys.stderr, flush=True)
+
+
+def install_stop_handlers() -> None:
+    """Turn Ctrl-C (SIGINT) and SIGTERM into a stop request that the training loop honours."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+
+
+def check_stop() -> None:
+    """Raise StopRequested if a stop signal has arrived."""
+    if STOP_REQUESTED.is_set():
+        raise StopRequested("stopped by a signal")
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker start-up: leave SIGINT and SIGTERM to the main process, which shuts workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextmanager
+def tracked_run(**kwargs: object) -> Iterator[mlflow.ActiveRun]:
+    """`mlflow.start_run`, but a run stopped by a signal ends KILLED, and one stopped by the pruner FINISHED."""
+    with mlflow.start_run(**kwargs) as run:
+        try:
+            yield run
+        except (StopRequested, KeyboardInterrupt):
+            mlflow.end_run("KILLED")
+            raise
+        except optuna.TrialPruned:
+            mlflow.end_run("FINISHED")
+            raise
+
+
+@contextmanager
+def store_lock(timeout: float = 60.0) -> Iterator[None]:
+    """With a local sqlite store, one process at a time: processes started together (workers, a job array) would
+    all create the store's tables or the same experiment at once, and all but one would fail (mlflow#10334)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield  # a tracking server handles concurrent clients itself
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))  # atomic: exactly one process creates the file
+            break
+        except FileExistsError:
+            with suppress(FileNotFoundError):
+                if time.time() - lock.stat().st_mtime > timeout:  # left behind by a killed process
+                    lock.unlink()
+            time.sleep(0.1)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def use_experiment(name: str) -> str:
+    """Select (or create) the experiment, tagged as classic model training for the UI; return its id."""
+    with store_lock():
+        try:
+            experiment = mlflow.set_experiment(name)  # MLflow's default store (./mlflow.db), or MLFLOW_TRACKING_URI
+        except MlflowException:  # a tracking server: another client created it a moment ago; it exists now
+            experiment = mlflow.set_experiment(name)
+        if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            mlflow.set_experiment_tags(EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def ui_link(experiment_id: str, run_id: str) -> str:
+    """The run's page in `mlflow ui`, in its model-training view (without the query it opens the GenAI view)."""
+    return f"{UI}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def log_step_losses(losses: list[float], first_step: int) -> None:
+    """Log the training loss of every step of an epoch to the active run, in one write.
+
+    One `log_batch` per epoch: a store round trip per step (~3 ms on sqlite) would slow the training loop.
+    """
+    now = int(time.time() * 1000)
+    metrics = [Metric("train_loss", loss, now, first_step + i) for i, loss in enumerate(losses)]
+    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)

@@ -1,0 +1,463 @@
+"""What a configuration is, and the one way a config file, `--set` overrides or a logged JSON config become one.
+
+A configuration (`Config`) has five sections: data, model, training, cross-validation and search. Any setting may
+hold a hyper-parameter instead of a value (`Categorical`, `Float`, `Int`: Optuna's `suggest_*` calls, declared
+where the value would go); `resolve` replaces each by the value a trial draws, in the order they are declared,
+and leaves fixed values alone. Everything is checked when it is loaded: a wrong key, a value of the wrong type, an
+empty or inverted range or a duplicated hyper-parameter name is one sentence naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import runpy
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+THIS = sys.modules[__name__]  # this module, whatever name it was imported under (config files import `settings`)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hyper-parameters: what a search may choose, declared where the value would go
+@dataclass(frozen=True)
+class Categorical:
+    """One of `choices` (Optuna's suggest_categorical)."""
+
+    choices: tuple
+    name: str | None = None  # the Optuna parameter's name; default: the setting's own name
+
+    def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        return trial.suggest_categorical(name, list(self.choices))
+
+    def problem(self) -> str | None:
+        return None if len(self.choices) > 0 else "at least one choice"
+
+
+@dataclass(frozen=True)
+class Float:
+    """A float from low to high (Optuna's suggest_float): on a log scale, or in steps of `step`."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+    name: str | None = None
+
+    def suggest(self, trial: optuna.Trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
+
+    def problem(self) -> str | None:
+        return range_problem(self)
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer from low to high (Optuna's suggest_int): on a log scale, or in steps of `step`."""
+
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+    name: str | None = None
+
+    def suggest(self, trial: optuna.Trial, name: str) -> int:
+        return trial.suggest_int(name, self.low, self.high, log=self.log, step=self.step)
+
+    def problem(self) -> str | None:
+        return range_problem(self)
+
+
+Hyperparameter = Categorical | Float | Int
+SUGGEST = {"suggest_categorical": Categorical, "suggest_float": Float, "suggest_int": Int}  # their JSON names
+
+
+def range_problem(hp: Float | Int) -> str | None:
+    """What is wrong with a range, or None: low below high, a positive low on a log scale, not both log and step."""
+    if not hp.low < hp.high:
+        return f"low below high (got low={hp.low}, high={hp.high})"
+    if hp.log and hp.low <= 0:
+        return f"a low above 0 on a log scale (got low={hp.low})"
+    if hp.log and hp.step not in (None, 1):
+        return "log=True or a step, not both (Optuna allows one of them)"
+    if hp.step is not None and hp.step <= 0:
+        return f"a step above 0 (got {hp.step})"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sections of a configuration. No defaults here: a config file states every value (config.py).
+@dataclass(frozen=True)
+class Data:
+    data_dir: str  # dataset root (images and annotations below it)
+    split_file: str | None  # from make_dataset_splits.py; None: DATA_DIR/dataset_splits.json
+    image_size: int  # images are resized to image_size × image_size
+    max_images: int | None  # stratified cap on the images of a fold (None: all of them)
+
+
+@dataclass(frozen=True)
+class Model:
+    backbone: str  # a torchvision classification model name
+    pretrained: bool  # start from ImageNet weights
+    head_hidden: int  # width of the new head's hidden layer
+    dropout: float
+
+
+@dataclass(frozen=True)
+class Training:
+    batch_size: int
+    warmup_epochs: int  # head only, backbone frozen
+    warmup_lr: float
+    warmup_weight_decay: float
+    finetune_epochs: int  # all layers
+    finetune_lr: float
+    finetune_weight_decay: float
+    patience: int  # fine-tuning stops after this many epochs without a better dev ROC AUC
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    n_root_splits: int | None  # run the first N outer folds (None: every one)
+    n_nested_splits: int | None  # and in each, the first N inner folds (None: every one)
+    root_split: int | None  # run only this outer fold (with nested_split)
+    nested_split: int | None  # run only this inner fold (with root_split)
+
+
+@dataclass(frozen=True)
+class Search:
+    n_trials: int  # finished (complete or pruned) trials in each fold's search
+    sampler: str  # a class of optuna.samplers, seeded per trial
+    pruner: str  # a class of optuna.pruners ("NopPruner": no pruning)
+    pruner_options: dict  # its keyword arguments
+    storage: str  # where the studies are kept: a journal file or a storage URL
+
+
+@dataclass(frozen=True)
+class Config:
+    data: Data
+    model: Model
+    training: Training
+    cv: CrossValidation
+    search: Search
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resolution: hyper-parameters → values
+def resolve(node: Any, choose: Callable[[str, Hyperparameter], Any], path: str = "") -> Any:
+    """`node` with every hyper-parameter replaced by `choose(its dotted path, it)`, depth first in declaration
+    order (the order Optuna sees the suggest calls in); fixed values stay as they are."""
+    if isinstance(node, Hyperparameter):
+        return choose(path, node)
+    if is_dataclass(node):
+        return replace(
+            node, **{f.name: resolve(getattr(node, f.name), choose, f"{path}{f.name}.") for f in fields(node)}
+        )
+    if isinstance(node, dict):
+        return {key: resolve(value, choose, f"{path}{key}.") for key, value in node.items()}
+    return node
+
+
+def param_name(path: str, hp: Hyperparameter) -> str:
+    """The Optuna parameter's name: the one the declaration gives, else the setting's own name."""
+    return hp.name or path.rstrip(".").rsplit(".", 1)[-1]
+
+
+def drawn_by(trial: optuna.Trial) -> Callable[[str, Hyperparameter], Any]:
+    """For `resolve`: each hyper-parameter drawn by the trial's sampler."""
+    return lambda path, hp: hp.suggest(trial, param_name(path, hp))
+
+
+def taken_from(params: dict[str, Any]) -> Callable[[str, Hyperparameter], Any]:
+    """For `resolve`: each hyper-parameter set to its value in params (a finished trial's, e.g. the best one's)."""
+    return lambda path, hp: params[param_name(path, hp)]
+
+
+def search_space(config: Config) -> dict[str, dict]:
+    """Every hyper-parameter of the config by parameter name, as JSON (with the setting it sits in)."""
+    found: dict[str, dict] = {}
+
+    def collect(path: str, hp: Hyperparameter) -> None:
+        found[param_name(path, hp)] = {"setting": path.rstrip("."), **to_json(hp)}
+
+    resolve(config, collect)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSON: how a configuration is logged, and read back (--from-run)
+def to_json(node: Any) -> Any:
+    """A configuration as plain JSON; a hyper-parameter as {"suggest_float": {"low": …, "high": …, …}}."""
+    if isinstance(node, Hyperparameter):
+        kind = next(name for name, cls in SUGGEST.items() if isinstance(node, cls))
+        return {kind: {f.name: to_json(getattr(node, f.name)) for f in fields(node)}}
+    if is_dataclass(node):
+        return {f.name: to_json(getattr(node, f.name)) for f in fields(node)}
+    if isinstance(node, dict):
+        return {key: to_json(value) for key, value in node.items()}
+    if isinstance(node, tuple | list):
+        return [to_json(value) for value in node]
+    return node
+
+
+def from_json(data: dict, source: str) -> Config:
+    """A Config from its JSON form (to_json), checked like a config file."""
+    config = build(Config, data, source, "")
+    check(config, source)
+    return config
+
+
+def build(cls: type, data: Any, source: str, path: str) -> Any:
+    """A dataclass of type cls from a dict, recursively; a hyper-parameter from its one-key dict."""
+    if not isinstance(data, dict):
+        fail(source, path.rstrip(".") or "the file", f"a table of {', '.join(f.name for f in fields(cls))}", data)
+    names = [f.name for f in fields(cls)]
+    unknown, missing = sorted(set(data) - set(names)), [n for n in names if n not in data]
+    if unknown or missing:
+        what = f"unknown key {path}{unknown[0]}" if unknown else f"no value for {path}{missing[0]}"
+        raise SystemExit(f"{source}: {what} (the keys of {path.rstrip('.') or 'a config'} are: {', '.join(names)}).")
+    hints = hints_of(cls)
+    values = {}
+    for name in names:
+        value, hint = data[name], hints[name]
+        if is_dataclass(hint):
+            values[name] = build(hint, value, source, f"{path}{name}.")
+        elif isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SUGGEST:
+            kind, arguments = next(iter(value.items()))
+            try:
+                values[name] = SUGGEST[kind](**arguments)
+            except TypeError as error:
+                raise SystemExit(f"{source}: {path}{name}: {kind} {error}.") from None
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking: every key, type and range, once, when a configuration is loaded
+def hints_of(cls: type) -> dict[str, Any]:
+    """A section's field types (the annotations are strings: evaluated here, where the classes are)."""
+    return typing.get_type_hints(cls, globalns=globals())
+
+
+def fail(source: str, key: str, expected: str, got: Any) -> typing.NoReturn:
+    raise SystemExit(f"{source}: {key} should be {expected}, not {got!r}.")
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether value fits the type annotation (int | None, float, str, dict, ...); an int fits float."""
+    if isinstance(hint, types.UnionType):
+        return any(matches(value, member) for member in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def type_name(hint: Any) -> str:
+    """ "an int", "a float or None": the annotation in words."""
+    names = " or ".join("None" if h is type(None) else h.__name__ for h in typing.get_args(hint) or (hint,))
+    return f"{'an' if names[0] in 'aeiou' else 'a'} {names}"
+
+
+def check(node: Any, source: str, path: str = "") -> None:
+    """Every value's type, every hyper-parameter's range and type, and unique hyper-parameter names."""
+    if not isinstance(node, Config) and not path:
+        fail(source, "config", "a settings.Config", node)
+    hints = hints_of(type(node))
+    for f in fields(node):
+        key, value, hint = f"{path}{f.name}", getattr(node, f.name), hints[f.name]
+        if is_dataclass(hint):
+            if not isinstance(value, hint):
+                fail(source, key, f"a settings.{hint.__name__}", value)
+            check(value, source, f"{key}.")
+        elif isinstance(value, Hyperparameter):
+            check_hyperparameter(value, hint, source, key)
+        elif not matches(value, hint):
+            fail(source, key, type_name(hint), value)
+    if not path:
+        names: dict[str, str] = {}
+
+        def unique(at: str, hp: Hyperparameter) -> None:
+            name = param_name(at, hp)
+            if name in names:
+                raise SystemExit(
+                    f"{source}: {names[name]} and {at.rstrip('.')} are both hyper-parameter {name!r}: give one of "
+                    "them another name (name=...)."
+                )
+            names[name] = at.rstrip(".")
+
+        resolve(node, unique)
+        check_search(node.search, source)
+
+
+def check_hyperparameter(hp: Hyperparameter, hint: Any, source: str, key: str) -> None:
+    """A hyper-parameter fits its setting: Float for a float, Int for an int, choices of the setting's type."""
+    kind = type(hp).__name__
+    if isinstance(hp, Float | Int) and not matches(hp.low, hint) or isinstance(hp, Float) and not matches(1.5, hint):
+        fail(source, key, f"{type_name(hint)} (or a hyper-parameter of that type)", hp)
+    if isinstance(hp, Categorical):
+        wrong = [choice for choice in hp.choices if not matches(choice, hint)]
+        if wrong:
+            fail(source, f"{key} choice", type_name(hint), wrong[0])
+    problem = hp.problem()
+    if problem:
+        raise SystemExit(f"{source}: {key} = {kind}(...) is empty: it needs {problem}.")
+
+
+def check_search(search: Search, source: str) -> None:
+    """n_trials ≥ 1, and a sampler and pruner that Optuna has (the pruner built once with its options)."""
+    if search.n_trials < 1:
+        fail(source, "search.n_trials", "at least 1", search.n_trials)
+    for key, module, name in (("search.sampler", optuna.samplers, search.sampler),
+                              ("search.pruner", optuna.pruners, search.pruner)):  # fmt: skip
+        if not isinstance(getattr(module, name, None), type):
+            fail(
+                source,
+                key,
+                f"a class of {module.__name__} (e.g. {'TPESampler' if 'sampl' in key else 'MedianPruner'})",
+                name,
+            )
+    try:
+        make_pruner(search)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"{source}: search.pruner_options do not suit {search.pruner}: {error}.") from None
+
+
+def make_pruner(search: Search) -> optuna.pruners.BasePruner:
+    return getattr(optuna.pruners, search.pruner)(**search.pruner_options)
+
+
+def make_sampler(search: Search, seed: int) -> optuna.samplers.BaseSampler:
+    return getattr(optuna.samplers, search.sampler)(seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: a config file, then the --set overrides
+@contextmanager
+def importable(folder: Path) -> Iterator[list[Path]]:
+    """While a config file runs: it can import this module (as `settings`, the very classes checked here) and the
+    config files beside it (config_quick.py imports config.py), each read afresh; yields the files it imported."""
+    saved_path, saved_settings = list(sys.path), sys.modules.get("settings")
+    before, here = set(sys.modules), Path(__file__).resolve().parent
+    sys.path[:0] = [str(folder), str(here)]
+    sys.modules["settings"] = THIS
+    imported: list[Path] = []
+    try:
+        yield imported
+    finally:
+        sys.path[:] = saved_path
+        for name in set(sys.modules) - before:  # the config modules it imported: not cached for the next load
+            file = Path(getattr(sys.modules[name], "__file__", None) or "/").resolve()
+            if file.parent in (folder, here):
+                imported.append(file)
+                del sys.modules[name]
+        if saved_settings is None:
+            sys.modules.pop("settings", None)
+        else:
+            sys.modules["settings"] = saved_settings
+
+
+def shown(path: Path) -> str:
+    """A path as a message shows it: relative to the working directory when it is below it."""
+    return os.path.relpath(path) if path.is_absolute() and Path.cwd() in path.parents else str(path)
+
+
+def load_file(path: Path) -> tuple[Config, list[Path]]:
+    """Run a config file (Python); return its `config`, checked, and the files read (it, and those it imported)."""
+    source = shown(path)
+    if not path.is_file():
+        raise SystemExit(f"No config file at {source}: give --config an existing file (e.g. step_5/config.py).")
+    try:
+        with importable(path.resolve().parent) as imported:
+            namespace = runpy.run_path(source, run_name="__config__")
+    except SyntaxError as error:
+        raise SystemExit(f"{source}, line {error.lineno}: this is not valid Python ({error.msg}).") from None
+    except Exception as error:  # the file is code: any error in it is the file's, say which
+        raise SystemExit(f"{source} stopped with {type(error).__name__}: {error}.") from None
+    if "config" not in namespace:
+        raise SystemExit(f"{source} defines no `config`: it should end with `config = Config(...)`.")
+    check(namespace["config"], source)
+    return namespace["config"], [path, *imported]
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: a Python literal (3, 1e-4, None, True, [1, 2]), a hyper-parameter (Float(0.1, 0.5)), or else
+    the text itself. Only literals and these three calls are read: nothing on a command line is executed."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        return text
+    if (
+        isinstance(tree, ast.Call)
+        and isinstance(tree.func, ast.Name)
+        and tree.func.id in ("Categorical", "Float", "Int")
+    ):
+        try:
+            args = [ast.literal_eval(a) for a in tree.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in tree.keywords}
+            return {"Categorical": Categorical, "Float": Float, "Int": Int}[tree.func.id](*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            raise SystemExit(f"--set {text}: not a hyper-parameter declaration ({error}).") from None
+    try:
+        return ast.literal_eval(tree)
+    except ValueError:
+        return text
+
+
+def override(config: Config, assignment: str, source: str) -> Config:
+    """The config with one `section.key=value` applied (--set), checked."""
+    key, sep, text = assignment.partition("=")
+    if not sep or "." not in key:
+        raise SystemExit(f"--set {assignment}: give SECTION.KEY=VALUE, e.g. --set training.batch_size=16.")
+    section_name, name = key.strip().split(".", 1)
+    sections = [f.name for f in fields(Config)]
+    if section_name not in sections:
+        raise SystemExit(f"--set {assignment}: unknown section {section_name!r} (sections: {', '.join(sections)}).")
+    section = getattr(config, section_name)
+    names = [f.name for f in fields(section)]
+    if name not in names:
+        raise SystemExit(f"--set {assignment}: unknown key {key} (the keys of {section_name}: {', '.join(names)}).")
+    value, hint = parse_value(text), hints_of(type(section))[name]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not matches(value, hint) and not isinstance(value, Hyperparameter) and matches(text, hint):
+        value = text  # a text setting that looks like a number or a name (a folder called 2024): the text
+    changed = replace(config, **{section_name: replace(section, **{name: value})})
+    check(changed, f"{source} with --set {assignment}")
+    return changed
+
+
+def load(path: Path, assignments: list[str]) -> tuple[Config, list[Path]]:
+    """The config file's config with the --set overrides applied in order; the config files read."""
+    config, files = load_file(path)
+    for assignment in assignments:
+        config = override(config, assignment, shown(path))
+    return config, files
+
+
+def dumps(config: Config) -> str:
+    """The config as indented JSON (how it is logged)."""
+    return json.dumps(to_json(config), indent=2)
+
+
+def flat_settings(config: Config) -> dict[str, Any]:
+    """Every fixed setting by its dotted key (data.image_size, ...); hyper-parameters are left out."""
+    flat: dict[str, Any] = {}
+    for section in fields(config):
+        for f in fields(getattr(config, section.name)):
+            value = getattr(getattr(config, section.name), f.name)
+            if not isinstance(value, Hyperparameter):
+                flat[f"{section.name}.{f.name}"] = json.dumps(value) if isinstance(value, dict) else value
+    return flat

@@ -305,12 +305,12 @@ def check(node: Any, source: str, path: str = "") -> None:
 def check_hyperparameter(hp: Hyperparameter, hint: Any, source: str, key: str) -> None:
     """A hyper-parameter fits its setting: Float for a float, Int for an int, choices of the setting's type."""
     kind = type(hp).__name__
-    if isinstance(hp, Float | Int) and not matches(hp.low, hint) or isinstance(hp, Float) and not matches(1.5, hint):
-        fail(source, key, f"{type_name(hint)} (or a hyper-parameter of that type)", hp)
     if isinstance(hp, Categorical):
         wrong = [choice for choice in hp.choices if not matches(choice, hint)]
         if wrong:
             fail(source, f"{key} choice", type_name(hint), wrong[0])
+    elif not matches(1.5 if isinstance(hp, Float) else 1, hint):  # a Float draws floats, an Int whole numbers
+        fail(source, key, f"{type_name(hint)} (or a hyper-parameter of that type)", hp)
     problem = hp.problem()
     if problem:
         raise SystemExit(f"{source}: {key} = {kind}(...) is empty: it needs {problem}.")

@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
         cv=None,
         search=replace(config.search, n_trials=0, storage=""),
     )
-    rerun_of = original and (args.from_run, args.num_threads)  # rerun again with other threads: another rerun
+    rerun_of = None if original is None else (args.from_run, args.num_threads)  # other threads: another rerun
     search_key = resume.run_key(splits["digest"], args.seed, args.deterministic, to_json(recipe), rerun_of)
     key = resume.run_key(search_key, config.search.n_trials)  # more trials later: a new root run, the same studies
     print(

@@ -55,6 +55,11 @@ def main_in_process(train: object, argv: list[str], cwd: Path, monkeypatch: pyte
         os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment also sets it for subprocesses
 
 
+def client_in(cwd: Path) -> mlflow.MlflowClient:
+    """A client on the default MLflow store that the scripts made in `cwd`."""
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+
+
 STEP_LOCAL = (
     "pets",
     "runs",

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import REPO, load_step_module, main_in_process, run_script
+from conftest import REPO, client_in, load_step_module, main_in_process, run_script
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -26,10 +26,6 @@ def train_args(split_file: tuple[Path, Path], *extra: str) -> list[str]:
     """The quick step-4 command line on the small stand-in and its split file."""
     data_dir, path = split_file
     return ["--quick", "--data-dir", str(data_dir), "--split-file", str(path), "--num-workers", "0", *extra]
-
-
-def client_in(cwd: Path) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
 
 
 def runs_of(client: mlflow.MlflowClient, query: str = "") -> list:

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import REPO, load_step_module, main_in_process, run_script
+from conftest import REPO, client_in, load_step_module, main_in_process, run_script
 
 SEARCHED = {"head_hidden", "dropout", "warmup_lr", "warmup_weight_decay", "finetune_lr", "finetune_weight_decay"}
 FOLD_METRICS = ("dev_roc_auc", "test_roc_auc", "threshold")
@@ -22,10 +22,6 @@ def train_args(split_file: tuple[Path, Path], *extra: str) -> list[str]:
     """The quick step-5 command line on the small stand-in and its split file."""
     data_dir, path = split_file
     return ["--quick", "--set", f"data.data_dir={data_dir}", "--set", f"data.split_file={path}", *extra]
-
-
-def client_in(cwd: Path) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
 
 
 def runs_of(client: mlflow.MlflowClient, query: str = "") -> list:

@@ -102,8 +102,12 @@ def use_experiment(name: str) -> str:
             experiment = mlflow.set_experiment(name)  # MLflow's default store (./mlflow.db), or MLFLOW_TRACKING_URI
         except MlflowException:  # a tracking server: another client created it a moment ago; it exists now
             experiment = mlflow.set_experiment(name)
+        # When another process created the experiment a moment earlier, set_experiment returns it without making
+        # it the active one, and this process's runs would land in the Default experiment: select it by id.
+        experiment = mlflow.set_experiment(experiment_id=experiment.experiment_id)
         if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
-            mlflow.set_experiment_tags(EXPERIMENT_KIND)
+            with suppress(MlflowException):  # another process tagged it at the same moment
+                mlflow.set_experiment_tags(EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

@@ -5,14 +5,20 @@ JournalFileBackend, which locks the file, so several processes on one machine ca
 storage URL (`postgresql://…`, `mysql://…`; `sqlite:///…` works for one process, but locks up under several).
 
 - Resume: the finished trials (complete or pruned) are kept, and a study stops at `n_trials` finished ones,
-  however many commands it took. A killed process leaves its trial RUNNING for ever (the journal has no
-  heartbeat): trials carry `host` and `pid`, and a trial whose process is dead is marked FAIL and redone.
+  however many commands it took. A killed process leaves its trial RUNNING for ever: trials carry `host` and
+  `pid`, and a trial whose process is dead is marked FAIL (its MLflow runs KILLED) and redone.
+- Workers on other machines (a database storage such as PostgreSQL): their pid cannot be checked, so each running
+  trial records a heartbeat every HEARTBEAT_SECONDS (Optuna's RDB heartbeat), and a trial without one for
+  GRACE_SECONDS is failed and redone. Optuna's check skips a trial that died before its first heartbeat; such a
+  trial is failed once GRACE_SECONDS have passed since a worker first saw it RUNNING without any.
 - The same choices: the sampler's random state is not stored, so every trial gets a sampler seeded from its
-  slot, the number of finished or running trials before it (failed ones do not count). A redone trial takes
-  the failed one's slot and draws the same values; two processes sharing a study draw what one would.
+  slot, the lowest slot that no earlier finished or running trial holds (failed ones hold none). A redone trial
+  takes the failed one's slot and draws the same values; two processes sharing a study draw what one would.
 - Several processes: a trial that finds all `n_trials` slots taken by trials running elsewhere waits for them.
   Two processes that ask for the last slot at the same moment both get a trial number; the later one sees that
-  its slot is past the end and gives its trial up as FAIL (tag `surplus`) before drawing anything.
+  its slot is past the end and gives its trial up as FAIL (tag `surplus`) before drawing anything. The workers
+  that waited all reach the fold's refit at once: the refit is claimed the same way, as the one trial of the
+  study `claim-<fold's study>-refit`, so exactly one of them refits the fold (`claim_refit`).
 - A torn journal: a process killed in the middle of writing leaves half a record at the end of the file, and
   Optuna then refuses to read it. Under the journal's lock, such a last record (it has no line end, so its write
   never completed) is moved to a side file and removed; a damaged record elsewhere stops with how to repair it.
@@ -20,28 +26,40 @@ storage URL (`postgresql://…`, `mysql://…`; `sqlite:///…` works for one pr
 
 from __future__ import annotations
 
+import datetime
+import functools
+import itertools
 import json
 import os
+import random
 import re
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 import optuna
-from optuna.storages import BaseStorage, JournalStorage
+import sqlalchemy
+from mlflow.exceptions import MlflowException
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from resume import owner_tags, pid_alive
+from resume import owner_alive, owner_tags, pid_alive
 
 DEFAULT_STORAGE = "optuna_studies.journal"  # in the working directory, next to MLflow's mlflow.db
 TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # trials that hold a slot
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WAIT_SECONDS = 2.0  # how often a process waiting for other processes' trials looks again
+HEARTBEAT_SECONDS = 10  # database storage: how often a running trial records that its worker is alive
+GRACE_SECONDS = 60  # and how long without a heartbeat before its worker counts as gone (the trial is redone)
+CHOOSING_SECONDS = 10.0  # how long to wait for an earlier trial to choose its slot (a killed process never does)
+NO_HEARTBEAT_SEEN: dict[tuple[str, int], float] = {}  # (study, trial) RUNNING without any heartbeat: first seen
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed by run_trials instead
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")  # ask()
 
 
 def is_url(storage: str) -> bool:
@@ -84,10 +102,35 @@ def repair_torn_journal(path: Path) -> None:
         lock.release()
 
 
-def open_storage(storage: str) -> BaseStorage | str:
-    """The Optuna storage that --storage names: a journal file (checked, and repaired if torn) or a URL."""
+@functools.cache
+def database(url: str) -> RDBStorage:
+    """An Optuna database storage with heartbeats, one per process. Workers that start at the same moment all
+    create the tables, and all but one of them fail; those try again, and find the tables made."""
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+                return RDBStorage(
+                    url,
+                    engine_kwargs={"pool_pre_ping": True},  # a connection dropped by the server is replaced
+                    heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=GRACE_SECONDS,
+                    heartbeat_stale_trial_callback=lambda _study, trial: end_runs(trial),
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):  # "already exists"
+            if attempt == 4:
+                raise
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
+
+
+def open_storage(storage: str) -> BaseStorage:
+    """The Optuna storage that --storage names: a journal file (checked, and repaired if torn) or a database URL."""
     if is_url(storage):
-        return storage
+        try:
+            return database(storage)
+        except Exception as error:  # noqa: BLE001 - an unreachable database, a bad URL: say which storage failed
+            raise SystemExit(f"--storage {describe(storage)}: could not open this Optuna storage ({error}).") from None
     path = Path(storage)
     if path.is_dir() or not path.parent.is_dir():
         raise SystemExit(f"--storage {storage}: give a journal file in an existing folder, or a storage URL.")
@@ -106,13 +149,112 @@ def open_study(storage: str, name: str, pruner: optuna.pruners.BasePruner) -> op
         raise SystemExit(f"--storage {describe(storage)}: could not open Optuna study {name} ({error}).") from None
 
 
+def claim(storage: str, name: str) -> bool:
+    """Whether this process is the first to claim `name`. Creating a study is atomic in every Optuna storage, so of
+    workers that start together exactly one creates the (empty) study of that name; `claim-` names mark them."""
+    try:
+        optuna.create_study(study_name=f"claim-{name}", storage=open_storage(storage))
+    except optuna.exceptions.DuplicatedStudyError:
+        return False
+    return True
+
+
 def sweep_dead_trials(study: optuna.Study) -> None:
-    """Mark FAIL the RUNNING trials whose process (user attributes host, pid) is dead; others are left alone."""
+    """Mark FAIL the RUNNING trials whose worker is gone (their MLflow runs KILLED); live workers' are left alone.
+
+    On this host a worker is checked by its pid (user attributes host, pid). On a database storage any worker's
+    trial is also checked by its heartbeat (Optuna's check, which calls `end_runs`), and a trial that never
+    recorded one is failed GRACE_SECONDS after this process first saw it (Optuna's check skips it)."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
         if host == socket.gethostname() and pid is not None and not pid_alive(int(pid)):
-            study.tell(trial.number, state=TrialState.FAIL)
-            print(f"trial {trial.number} was left RUNNING by a process that no longer exists: marked FAIL, redone")
+            fail(study, trial, "was left RUNNING by a process that no longer exists")
+    storage = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - Optuna wraps a database in a cache
+    if not isinstance(storage, RDBStorage):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    now = time.monotonic()
+    for number in without_heartbeat(storage, study.study_name):
+        first_seen = NO_HEARTBEAT_SEEN.setdefault((study.study_name, number), now)
+        if now - first_seen > GRACE_SECONDS:
+            fail(study, study.trials[number], f"has had no heartbeat for {GRACE_SECONDS} s: its worker is gone")
+
+
+def without_heartbeat(storage: RDBStorage, study_name: str) -> list[int]:
+    """Numbers of the study's RUNNING trials that have no heartbeat record at all (Optuna's tables)."""
+    query = sqlalchemy.text(
+        "SELECT number FROM trials WHERE study_id = :study AND state = 'RUNNING' "
+        "AND trial_id NOT IN (SELECT trial_id FROM trial_heartbeats)"
+    )
+    with storage.engine.connect() as connection:
+        return [row[0] for row in connection.execute(query, {"study": storage.get_study_id_from_name(study_name)})]
+
+
+def fail(study: optuna.Study, trial: FrozenTrial, why: str) -> None:
+    """Mark a trial of a gone worker FAIL (unless another worker just did) and its MLflow runs KILLED."""
+    try:
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it a moment ago
+        return
+    end_runs(trial)
+    print(f"trial {trial.number} {why}: marked FAIL, redone")
+
+
+def end_runs(trial: FrozenTrial) -> None:
+    """Mark KILLED the MLflow runs a gone worker left RUNNING for this trial: its fold's and everything under it."""
+    client = mlflow.MlflowClient()
+    top = trial.user_attrs.get("mlflow_fold_run_id") or trial.user_attrs.get("mlflow_run_id")
+    if top is None:
+        return
+    experiment_id, left = client.get_run(top).info.experiment_id, [top]
+    while left:  # the fold run, then its trial and refit runs, then their phase runs
+        run_id = left.pop()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+        query = f"tags.mlflow.parentRunId = '{run_id}' AND attributes.status = 'RUNNING'"
+        left += [run.info.run_id for run in client.search_runs([experiment_id], query, max_results=1000)]
+    if trial.user_attrs.get("mlflow_run_id"):
+        tag_run(trial, "FAIL")
+
+
+def claim_refit(study: optuna.Study) -> int | None:
+    """This worker's claim on the fold's refit (a trial number), or None: another worker has refitted the fold or
+    is refitting it. Only a claim whose fold run still runs in a live process counts; others are failed."""
+    storage = study._storage  # noqa: SLF001 - the fold study's storage, already open
+    refits = optuna.create_study(study_name=f"claim-{study.study_name}-refit", storage=storage, load_if_exists=True)
+    client = mlflow.MlflowClient()
+
+    def live(trial: FrozenTrial) -> bool:
+        if trial.state == TrialState.COMPLETE:
+            return True
+        if "mlflow_fold_run_id" not in trial.user_attrs:  # asked a moment ago, or its worker died right then
+            return (datetime.datetime.now() - trial.datetime_start).total_seconds() < GRACE_SECONDS
+        try:
+            run = client.get_run(trial.user_attrs["mlflow_fold_run_id"])
+        except MlflowException:  # not in this tracking store: no one here is refitting
+            return False
+        return run.info.status == "RUNNING" and owner_alive(run.data.tags)
+
+    for trial in refits.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not live(trial):
+            fail(refits, trial, "(a refit) was left by a worker that stopped")
+    if any(live(t) for t in refits.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))):
+        return None
+    trial = refits.ask()
+    trial.set_user_attr("mlflow_fold_run_id", mlflow.active_run().info.run_id)
+    earlier = refits.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    if any(t.number < trial.number and live(t) for t in earlier):  # another worker claimed it a moment earlier
+        refits.tell(trial, state=TrialState.FAIL)
+        return None
+    return trial.number
+
+
+def refit_done(study: optuna.Study, number: int, dev_roc_auc: float) -> None:
+    """Mark this worker's claim on the fold's refit complete (after the fold run's completion tag)."""
+    storage = study._storage  # noqa: SLF001
+    optuna.load_study(study_name=f"claim-{study.study_name}-refit", storage=storage).tell(number, dev_roc_auc)
 
 
 def run_trials(
@@ -137,7 +279,8 @@ def run_trials(
         trial = study.ask()
         for key, value in owner_tags().items():
             trial.set_user_attr(key, value)
-        slot = sum(t.state in TAKEN for t in study.get_trials(deepcopy=False) if t.number < trial.number)
+        trial.set_user_attr("mlflow_fold_run_id", mlflow.active_run().info.run_id)
+        slot = free_slot(study, trial.number)
         if slot >= n_trials:  # another process took the last slot a moment earlier
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
@@ -147,12 +290,30 @@ def run_trials(
         run_trial(study, trial, objective, slot, n_trials)
 
 
+def free_slot(study: optuna.Study, number: int) -> int:
+    """The lowest slot that no earlier finished or running trial holds, for trial `number`.
+
+    Counting the trials before it would not do: when an earlier trial fails while later ones run, the count
+    gives a slot that a running trial holds. Trials asked a moment earlier by other processes are still choosing
+    theirs: wait for them (a few ms), so two processes never take one slot; one that never chooses is ignored."""
+    deadline = time.monotonic() + CHOOSING_SECONDS
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False, states=TAKEN) if t.number < number]
+        if time.monotonic() > deadline or all("slot" in t.user_attrs for t in earlier):
+            held = {t.user_attrs["slot"] for t in earlier if "slot" in t.user_attrs}
+            return next(slot for slot in itertools.count() if slot not in held)
+        time.sleep(0.05)
+
+
 def run_trial(
     study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float], slot: int, n_trials: int
 ) -> None:
-    """Run one trial and tell the study how it ended; its MLflow run gets the same state as tag `trial_state`."""
+    """Run one trial and tell the study how it ended; its MLflow run gets the same state as tag `trial_state`.
+
+    On a database storage a thread records the trial's heartbeat while it runs (Optuna's own, as in optimize)."""
     try:
-        value = objective(trial)
+        with optuna.storages._heartbeat.get_heartbeat_thread(trial._trial_id, study._storage):  # noqa: SLF001
+            value = objective(trial)
     except optuna.TrialPruned as pruned:
         state, outcome = TrialState.PRUNED, f"pruned: {pruned}"
         study.tell(trial, state=state)

@@ -653,7 +653,10 @@ def run_fold(
     seed_everything(args.seed, args.deterministic, args.num_threads)
     parts = fold_indices(splits, root_split, nested_split, settings.max_images, args.seed)
     tags = {"run_level": "fold", "root_split_id": str(root_split), "nested_split_id": str(nested_split)}
-    with runs.tracked_run(run_name=f"fold-{root_split}-{nested_split}", nested=True, tags=tags):
+    with (
+        runs.tracked_run(run_name=f"fold-{root_split}-{nested_split}", nested=True, tags=tags) as fold_run,
+        resume.heartbeat(fold_run.info.run_id),  # with a tracking server: tells other hosts this worker is alive
+    ):
         mlflow.set_tags({"run_key": key, **resume.owner_tags()})
         mlflow.log_params(
             {
@@ -667,10 +670,10 @@ def run_fold(
         study = studies.open_study(args.storage, study_name, pruner)
         mlflow.set_tag("optuna_study", study_name)
         best = search(study, fold, splits["files"], splits["labels"], parts, settings, space, args, device)
-        if resume.refit_taken(key, fold):  # several workers: another one has refitted this fold, or is at it
+        refit_claim = studies.claim_refit(study)  # several workers: exactly one of them refits the fold
+        if refit_claim is None:
             print(f"fold {root_split}/{nested_split}: search complete, refitted by another process")
             return None
-        mlflow.set_tag("refit_started", "true")
         mlflow.log_params(best.params)  # the chosen hyper-parameters
         tags = {"run_level": "refit", "best_trial_number": str(best.number)}
         with runs.tracked_run(run_name="refit", nested=True, tags=tags) as refit:
@@ -693,6 +696,7 @@ def run_fold(
                 file=sys.stderr,
             )
         mlflow.set_tag("fold_complete", "true")  # the last action: FINISHED alone does not prove completion
+        studies.refit_done(study, refit_claim, results["dev_roc_auc"])
     print(
         f"fold {root_split}/{nested_split} complete: trial {best.number} chosen ({studies.brief(best.params)}); "
         f"refit dev ROC AUC {results['dev_roc_auc']:.3f}, test ROC AUC {results['test_roc_auc']:.3f}"
@@ -736,8 +740,11 @@ def main(argv: list[str] | None = None) -> None:
 
     experiment_id = runs.use_experiment(EXPERIMENT)
     done = resume.completed_folds(experiment_id, key)
+    claim = f"{EXPERIMENT}-root-{key}"  # of workers that start together, the one that claims this starts the root
     try:
-        with resume.root_run(experiment_id, key, run_name=f"{settings.backbone}-seed{args.seed}") as (root, new):
+        with resume.root_run(
+            experiment_id, key, f"{settings.backbone}-seed{args.seed}", lambda: studies.claim(args.storage, claim)
+        ) as (root, new):
             if new:  # record what defines the root once (a param cannot change later)
                 mlflow.set_tags({"split_file": str(split_file), "split_file_digest": splits["digest"]})
                 mlflow.log_params(

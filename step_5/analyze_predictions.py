@@ -404,6 +404,9 @@ def log_search_figures(
     if not (studies.is_url(storage) or Path(storage).is_file()):
         print(f"No search figures: no Optuna journal at {storage} (pass --storage where the studies are kept)")
         return
+    if ":***@" in storage:  # train.py logged a database URL without its password
+        print(f"No search figures: the logged storage {storage} hides its password; pass --storage with the full URL")
+        return
     opened = studies.open_storage(storage)
     for (root_split, nested_split), run in folds.items():
         name = run.data.tags["optuna_study"]

@@ -4,7 +4,11 @@ A root run and its fold runs carry a run key, a short hash of what decides their
 settings). The same command again finds the root run with that key, and a fold counts as done only when its
 completion tag is there: a FINISHED status alone proves nothing (MLflow's exit hook marks open runs FINISHED).
 Runs also carry `host` and `pid`, so a new invocation can mark KILLED the runs left RUNNING by a dead process.
-Several processes may work on one fold's search at once; `refit_taken` lets only one of them refit it.
+With a tracking server, workers may run on other machines, whose pids cannot be checked: there a worker's root
+and fold runs carry a `heartbeat` tag (Unix time, renewed every HEARTBEAT_SECONDS), and a run of another host
+whose heartbeat is GRACE_SECONDS old is a dead process's (the hosts' clocks must agree, as NTP or SLURM ensure).
+Several processes may work on one fold's search at once; workers that start together make one root run, not one
+each (`root_run`).
 (The finished trials themselves are kept in the Optuna study: studies.py.)
 """
 
@@ -14,12 +18,18 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import mlflow
 
 import runs
+
+HEARTBEAT_SECONDS = 20  # tracking server: how often a worker's root and fold runs get a fresh heartbeat tag
+GRACE_SECONDS = 120  # a run of another host whose heartbeat is this old belongs to a dead process
+ROOT_WAIT_SECONDS = 120  # how long to wait for the root run that another worker is creating
 
 
 def run_key(*parts: object) -> str:
@@ -43,19 +53,47 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_dead_runs(client: mlflow.MlflowClient, experiment_id: str) -> list[str]:
-    """Mark KILLED the RUNNING runs whose process (tags host, pid; children inherit their parent's) is dead.
+def owner_alive(tags: dict[str, str]) -> bool:
+    """Whether the process that owns a run is alive: on this host by its pid, on another by its heartbeat tag."""
+    if tags.get("host") == socket.gethostname():
+        return "pid" not in tags or pid_alive(int(tags["pid"]))
+    return "heartbeat" not in tags or time.time() - float(tags["heartbeat"]) < GRACE_SECONDS
 
-    Only processes on this host can be checked; a run of a live process, or of another host, is left alone.
-    """
+
+@contextmanager
+def heartbeat(run_id: str) -> Iterator[None]:
+    """With a tracking server, renew the run's `heartbeat` tag every HEARTBEAT_SECONDS while the block runs."""
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        yield  # a local store: every worker is on this host, and pids tell
+        return
+    client, stop = mlflow.MlflowClient(), threading.Event()
+
+    def beat() -> None:
+        while True:
+            client.set_tag(run_id, "heartbeat", f"{time.time():.0f}")
+            if stop.wait(HEARTBEAT_SECONDS):
+                return
+
+    client.set_tag(run_id, "heartbeat", f"{time.time():.0f}")
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def sweep_dead_runs(client: mlflow.MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process (tags host, pid, heartbeat; children inherit their parent's) is
+    dead. A run of a live process, or of another host without heartbeats, is left alone."""
     running = {r.info.run_id: r for r in client.search_runs([experiment_id], "attributes.status = 'RUNNING'")}
     killed = []
     for run_id, run in running.items():
         owner = run
         while "pid" not in owner.data.tags and owner.data.tags.get("mlflow.parentRunId"):
             owner = client.get_run(owner.data.tags["mlflow.parentRunId"])
-        tags = owner.data.tags
-        if tags.get("host") == socket.gethostname() and "pid" in tags and not pid_alive(int(tags["pid"])):
+        if not owner_alive(owner.data.tags):
             client.set_terminated(run_id, "KILLED")
             killed.append(run_id)
     if killed:
@@ -83,34 +121,32 @@ def find_root_run(client: mlflow.MlflowClient, experiment_id: str, key: str) -> 
 
 
 @contextmanager
-def root_run(experiment_id: str, key: str, run_name: str) -> Iterator[tuple[mlflow.ActiveRun, bool]]:
+def root_run(
+    experiment_id: str, key: str, run_name: str, first: Callable[[], bool]
+) -> Iterator[tuple[mlflow.ActiveRun, bool]]:
     """The root run with this run key, reopened, or started when there is none; and whether it is new.
 
+    Workers that start at the same moment would each find no root run and start one: only the one for which
+    `first()` is true (an atomic claim in the Optuna storage) starts it, and the others wait for it to appear.
     Runs left RUNNING by a dead process are marked KILLED first. Signals end the root run KILLED (runs.py).
     """
     client = mlflow.MlflowClient()
     sweep_dead_runs(client, experiment_id)
     root_id = find_root_run(client, experiment_id, key)
-    with runs.tracked_run(run_id=root_id, run_name=run_name) as root:
+    if root_id is None and not first():
+        root_id = wait_for_root_run(client, experiment_id, key)
+    with runs.tracked_run(run_id=root_id, run_name=run_name) as root, heartbeat(root.info.run_id):
         print(f"MLflow run {'reopened' if root_id else 'started'}: {root.info.run_id} (experiment id {experiment_id})")
         mlflow.set_tags({"run_level": "root", "run_key": key, **owner_tags()})
         yield root, root_id is None
 
 
-def refit_taken(key: str, fold: tuple[int, int]) -> bool:
-    """Whether another fold run of this run key has refitted this fold, or is refitting it in a live process."""
-    client, mine = mlflow.MlflowClient(), mlflow.active_run()
-    query = (
-        f"tags.run_level = 'fold' AND tags.run_key = '{key}' AND tags.root_split_id = '{fold[0]}' "
-        f"AND tags.nested_split_id = '{fold[1]}' AND tags.refit_started = 'true'"
-    )
-    for run in client.search_runs([mine.info.experiment_id], query):
-        tags = run.data.tags
-        if run.info.run_id == mine.info.run_id or run.info.status not in ("RUNNING", "FINISHED"):
-            continue
-        if tags.get("fold_complete") == "true":
-            return True
-        elsewhere = tags.get("host") != socket.gethostname()  # a process on another host cannot be checked
-        if run.info.status == "RUNNING" and (elsewhere or ("pid" in tags and pid_alive(int(tags["pid"])))):
-            return True
-    return False
+def wait_for_root_run(client: mlflow.MlflowClient, experiment_id: str, key: str) -> str | None:
+    """The root run that another worker claimed and is starting; None (start one) if it never appears."""
+    deadline = time.monotonic() + ROOT_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if root_id := find_root_run(client, experiment_id, key):
+            return root_id
+        time.sleep(0.5)
+    print(f"WARNING: the worker that claimed run key {key}'s root run never started it: starting one here")
+    return None

@@ -42,9 +42,10 @@ def fold_runs(client: mlflow.MlflowClient) -> dict[tuple[int, int], list]:
 
 
 def studies_in(cwd: Path) -> dict[str, optuna.Study]:
-    """Every study in the working directory's default journal, by name."""
+    """Every fold's study in the working directory's default journal, by name."""
     storage = JournalStorage(JournalFileBackend(str(cwd / "optuna_studies.journal")))
-    return {name: optuna.load_study(study_name=name, storage=storage) for name in optuna.get_all_study_names(storage)}
+    names = [name for name in optuna.get_all_study_names(storage) if not name.startswith("claim-")]  # root, refits
+    return {name: optuna.load_study(study_name=name, storage=storage) for name in names}
 
 
 def by_slot(study: optuna.Study) -> dict[int, tuple]:

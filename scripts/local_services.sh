@@ -30,8 +30,8 @@ as_root() {
   fi
 }
 
-as_postgres() {
-  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi
+as_postgres() {  # from /, which the postgres user can read (not every working directory is)
+  if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else (cd / && sudo -u postgres "$@"); fi
 }
 
 cluster() {  # "VERSION NAME STATUS" of the first PostgreSQL cluster

@@ -90,7 +90,7 @@ def worker(args: list[str], cwd: Path, tracking_uri: str, script: str = "step_4/
     )  # fmt: skip
 
 
-def fold_studies(storage: str) -> dict[str, optuna.Study]:
+def fold_studies(storage: optuna.storages.BaseStorage) -> dict[str, optuna.Study]:
     """The per-fold studies in a storage (not the `claim-` ones), by name."""
     names = [name for name in optuna.get_all_study_names(storage) if not name.startswith("claim-")]
     return {name: optuna.load_study(study_name=name, storage=storage) for name in names}
@@ -115,12 +115,13 @@ def test_three_workers_share_every_fold_and_one_killed_mid_trial_loses_nothing(
         "--quick", "--data-dir", str(data_dir), "--split-file", str(path), "--num-workers", "0",
         "--num-threads", "1", "--n-root-splits", "1", "--storage", storage,
     ]  # fmt: skip
+    studies_db = optuna.storages.RDBStorage(storage)  # one connection pool for all the looking; makes the tables
     workers = [worker(args, tmp_path, server) for _ in range(3)]
     victim, killed = workers[0], None
     deadline = time.monotonic() + 300
     while killed is None and time.monotonic() < deadline and victim.poll() is None:
         time.sleep(0.5)
-        for study in fold_studies(storage).values() if optuna.get_all_study_names(storage) else []:
+        for study in fold_studies(studies_db).values():
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if trial.user_attrs.get("pid") == str(victim.pid) and "mlflow_run_id" in trial.user_attrs:
                     os.killpg(victim.pid, signal.SIGKILL)
@@ -148,7 +149,7 @@ def test_three_workers_share_every_fold_and_one_killed_mid_trial_loses_nothing(
         fold = (run.data.tags["root_split_id"], run.data.tags["nested_split_id"])
         expected[fold] = draws_by_slot(optuna.load_study(study_name=run.data.tags["optuna_study"], storage=journal))
 
-    studies = fold_studies(storage)
+    studies = fold_studies(studies_db)
     assert len(studies) == 2  # one study per fold, however many workers
     complete = [r for r in every if r.data.tags.get("fold_complete") == "true"]
     assert sorted((r.data.tags["root_split_id"], r.data.tags["nested_split_id"]) for r in complete) == [

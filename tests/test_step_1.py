@@ -187,9 +187,25 @@ if __name__ == "__main__":
 def test_quick_run_learns_at_full_quick_size(make_standin, tmp_path):
     """At full quick size (the cap of QUICK.max_images applies) a quick run separates cats from dogs.
 
-    Step 1 is unseeded, so this asserts a bound far below the measured mean (benchmarks/learnability.py)."""
+    Step 1 is unseeded on purpose, and one unseeded run can land far below the mean: over 20 seeds on this
+    stand-in, dev ROC AUC 0.833 ± 0.039 and test 0.842 ± 0.046 (benchmarks/learnability.py), yet an unseeded run
+    once gave 0.68 / 0.63. So, as the benchmark does, the global RNGs of Python, NumPy and torch are seeded (seed 0)
+    before step_1/train.py runs as a script: the outcome is fixed, and a bound far below the mean can only fail
+    when learning is broken."""
     data_dir = make_standin(train.QUICK.max_images + 200)
-    proc = run_script("step_1/train.py", "--quick", "--data-dir", str(data_dir), cwd=tmp_path)
+    seeded = (
+        "import random, runpy, sys; import numpy, torch; random.seed(0); numpy.random.seed(0); torch.manual_seed(0); "
+        f"sys.path.insert(0, {str(REPO / 'step_1')!r}); "
+        f"runpy.run_path({str(REPO / 'step_1/train.py')!r}, run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", seeded, "--quick", "--data-dir", str(data_dir)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "results/step_1/threshold.json").read_text())
     assert f"{train.QUICK.max_images} images" in proc.stdout
     assert summary["dev_roc_auc"] >= 0.7 and summary["test_roc_auc"] >= 0.7, summary

@@ -106,9 +106,14 @@ def use_experiment(name: str) -> str:
     return experiment.experiment_id
 
 
-def ui_link(experiment_id: str, run_id: str) -> str:
-    """The run's page in `mlflow ui`, in its model-training view (without the query it opens the GenAI view)."""
-    return f"{UI}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+def where_to_view(experiment_id: str, run_id: str) -> str:
+    """Where to see the run, in the UI's model-training view (without the query it opens the GenAI view): on the
+    tracking server itself when the tracking URI is one (it serves the UI), else in `mlflow ui` from this directory."""
+    uri = mlflow.get_tracking_uri()
+    on_server = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if on_server else UI
+    link = f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return link if on_server else f"`mlflow ui` from this directory, then {link}"
 
 
 def log_step_losses(losses: list[float], first_step: int) -> None:

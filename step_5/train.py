@@ -785,7 +785,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{len(folds)} fold(s) complete in {time.perf_counter() - started:.0f} s")
     print(f"Tracking URI: {mlflow.get_tracking_uri()}\nRoot run: {root.info.run_id}")
-    print(f"View it: `mlflow ui` from this directory, then {runs.ui_link(experiment_id, root.info.run_id)}")
+    print(f"View it: {runs.where_to_view(experiment_id, root.info.run_id)}")
     print(f"Next: {Path(sys.executable).name} step_5/analyze_predictions.py")
 
 

@@ -138,6 +138,8 @@ def test_three_workers_share_every_fold_and_one_killed_mid_trial_loses_nothing(
     every = client.search_runs([experiment_id], max_results=1000)
     assert not [r.info.run_id for r in every if r.info.status == "RUNNING"]
     (root,) = [r for r in every if r.data.tags.get("run_level") == "root"]  # one root run, not one per worker
+    link = f"{server}/#/experiments/{experiment_id}/runs/{root.info.run_id}?workflowType=machine_learning"
+    assert all(f"View it: {link}\n" in output for output in outputs)  # on the server, which serves the UI
 
     expected = {}  # fold -> draws by slot, from one uninterrupted process (the step-4 fixture)
     original = mlflow.MlflowClient(f"sqlite:///{step4_search['cwd'] / 'mlflow.db'}")

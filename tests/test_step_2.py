@@ -308,6 +308,8 @@ def test_logs_to_a_real_tracking_server(make_standin, tmp_path):
         assert {c.data.tags["phase"] for c in children} == {"warmup", "finetune"}
         assert "head.3.weight" in load_model(client, root.info.run_id).state_dict()  # the model, via the server
         assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
+        link = f"{uri}/#/experiments/{root.info.experiment_id}/runs/{root.info.run_id}?workflowType=machine_learning"
+        assert f"View it: {link}\n" in proc.stdout  # the server serves the UI: no `mlflow ui` to start
         assert np.isfinite(root.data.metrics["test_roc_auc"])
     finally:
         os.killpg(server.pid, signal.SIGTERM)

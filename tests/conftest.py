@@ -1,13 +1,17 @@
-"""Shared fixtures: small synthetic stand-ins built once per test run, and a helper to run the scripts."""
+"""Shared fixtures: small synthetic stand-ins built once per test run, helpers to run the scripts and to start a
+tracking server."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -152,3 +156,35 @@ def step4_search(split_file, tmp_path_factory) -> dict:
     first = run_script("step_4/train.py", *args, "--n-root-splits", "1", cwd=cwd)
     analysis = run_script("step_4/analyze_predictions.py", cwd=cwd)
     return {"cwd": cwd, "first": first, "analysis": analysis}
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, folder: Path, workers: int = 1) -> Iterator[str]:
+    """`mlflow server` on a free port of 127.0.0.1, its artifacts in folder/artifacts and its log in
+    folder/server.log: its URL once every server process answers; stopped afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+        "--workers", str(workers),
+    ]  # fmt: skip
+    with (folder / "server.log").open("w") as log:
+        proc = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                mlflow.MlflowClient(url).search_experiments()  # the server has made its tables and answers
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-3000:]}")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import REPO, load_step_module, run_script
+from conftest import REPO, load_step_module, mlflow_server, run_script
 from optuna.trial import TrialState
 
 ADMIN_URL = os.environ.get("REPROAI_POSTGRES_URL", "postgresql://reproai:reproai@127.0.0.1:5432/postgres")
@@ -54,31 +53,8 @@ def postgres():
 @pytest.fixture(scope="module")
 def server(postgres, tmp_path_factory):
     """`mlflow server` on 127.0.0.1 with a PostgreSQL backend store and its own artifact folder: its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    folder = tmp_path_factory.mktemp("tracking_server")
-    log = (folder / "server.log").open("w")
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", postgres(),
-        "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "2",
-    ]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            mlflow.MlflowClient(url).search_experiments()
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.5)
-    else:
-        pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-3000:]}")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    with mlflow_server(postgres(), tmp_path_factory.mktemp("tracking_server"), workers=2) as url:
+        yield url
 
 
 def worker(args: list[str], cwd: Path, tracking_uri: str, script: str = "step_4/train.py") -> subprocess.Popen:

@@ -6,12 +6,9 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -19,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, load_step_module, run_script
+from conftest import REPO, load_step_module, mlflow_server, run_script
 
 N_SMALL = 240
 provenance = load_step_module("step_2", "provenance")
@@ -271,32 +268,9 @@ def test_sigterm_to_the_process_group_ends_every_run_killed(make_standin, tmp_pa
     assert status == {"root": "KILLED", "warmup": "FINISHED", "finetune": "KILLED"}
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_logs_to_a_real_tracking_server(make_standin, tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server_artifacts"), "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not answer within 60 s")
+    (tmp_path / "server").mkdir()
+    with mlflow_server(f"sqlite:///{tmp_path / 'server' / 'server.db'}", tmp_path / "server") as uri:
         proc = run_script(
             "step_2/train.py", "--quick", "--data-dir", str(make_standin(N_SMALL)), "--num-workers", "0",
             cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri},
@@ -311,6 +285,3 @@ def test_logs_to_a_real_tracking_server(make_standin, tmp_path):
         link = f"{uri}/#/experiments/{root.info.experiment_id}/runs/{root.info.run_id}?workflowType=machine_learning"
         assert f"View it: {link}\n" in proc.stdout  # the server serves the UI: no `mlflow ui` to start
         assert np.isfinite(root.data.metrics["test_roc_auc"])
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)

@@ -18,12 +18,14 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 import runs
 
@@ -70,7 +72,10 @@ def heartbeat(run_id: str) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            client.set_tag(run_id, "heartbeat", f"{time.time():.0f}")
+            try:
+                client.set_tag(run_id, "heartbeat", f"{time.time():.0f}")
+            except MlflowException as error:  # the server away for a while: beat on, or this run would look dead
+                print(f"WARNING: heartbeat of run {run_id} not sent, trying again: {error}", file=sys.stderr)
             if stop.wait(HEARTBEAT_SECONDS):
                 return
 

@@ -1,8 +1,9 @@
 """Scaling out (docs/scaling_out.md): workers sharing step 4's studies in PostgreSQL and its runs in an MLflow
 tracking server backed by PostgreSQL. Three workers with one killed mid-trial, workers that start at the same
-moment, heartbeats that fail the trials of workers on other hosts, and the SLURM job-array script.
+moment, heartbeats that fail the trials of workers on other hosts, a heartbeat that outlasts a server away for a
+while, and the SLURM job-array script.
 
-These tests need PostgreSQL on 127.0.0.1 (`bash scripts/local_services.sh postgres` starts it). Elsewhere they
+The worker and heartbeat tests need PostgreSQL on 127.0.0.1 (`bash scripts/local_services.sh postgres` starts it). Elsewhere they
 skip with that sentence; in CI (REPROAI_CI=1, set by .ci/run) they fail instead."""
 
 from __future__ import annotations
@@ -242,6 +243,26 @@ def test_trials_of_gone_workers_on_other_hosts_are_failed_by_heartbeat(postgres,
     studies.sweep_dead_trials(study)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
     assert [client.get_run(r).info.status for r in run_ids] == ["KILLED", "KILLED", "RUNNING"]
+
+
+def test_a_heartbeat_that_cannot_reach_the_server_keeps_trying(monkeypatch, capsys):
+    """A tracking server away for a while must not stop a worker's heartbeats for good: other hosts would then take
+    its runs for a dead process's and mark them KILLED while it works on."""
+    resume = load_step_module("step_4", "resume")
+    sent = []
+
+    def set_tag(self, run_id, key, value):
+        sent.append(value)
+        if len(sent) == 2:
+            raise mlflow.exceptions.MlflowException("API request to the server failed")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", set_tag)
+    monkeypatch.setattr(resume, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:1")  # heartbeats only with a server
+    with resume.heartbeat("run-id"):
+        time.sleep(0.6)
+    assert len(sent) >= 5, sent  # beats after the failed one
+    assert "heartbeat of run run-id not sent, trying again" in capsys.readouterr().err
 
 
 def test_the_slurm_script_gives_each_array_task_its_fold_or_makes_it_a_worker(tmp_path):

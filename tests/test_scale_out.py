@@ -3,8 +3,9 @@ tracking server backed by PostgreSQL. Three workers with one killed mid-trial, w
 moment, heartbeats that fail the trials of workers on other hosts, a heartbeat that outlasts a server away for a
 while, and the SLURM job-array script.
 
-The worker and heartbeat tests need PostgreSQL on 127.0.0.1 (`bash scripts/local_services.sh postgres` starts it). Elsewhere they
-skip with that sentence; in CI (REPROAI_CI=1, set by .ci/run) they fail instead."""
+The tests of workers and of other hosts' trials need PostgreSQL on 127.0.0.1 (`bash scripts/local_services.sh
+postgres` starts it). Elsewhere they skip with that sentence; in CI (REPROAI_CI=1, set by .ci/run) they fail
+instead."""
 
 from __future__ import annotations
 

@@ -30,6 +30,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # write PNG files; never open a window (headless machines, SSH, CI)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fold would bury the results
+os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL in the reproducible mode that train.py runs it in, set before
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # torch loads it: the model check must recompute the same bits
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402

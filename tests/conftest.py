@@ -18,6 +18,12 @@ import mlflow
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The steps put MKL in its reproducible mode before their first computation (seed_everything); MKL reads the
+# variables once, at its first call. Tests that run a step's main() in this process must get the same mode,
+# whatever ran here before them. Scripts run as subprocesses inherit it; the test of the pin removes it.
+MKL_REPRODUCIBLE = {"MKL_CBWR": "AUTO", "MKL_DYNAMIC": "FALSE"}
+for _name, _value in MKL_REPRODUCIBLE.items():
+    os.environ.setdefault(_name, _value)
 
 
 def run_script(
@@ -25,7 +31,8 @@ def run_script(
 ) -> subprocess.CompletedProcess:
     """Run `python <script> <args>` from `cwd` as the README does; fail the test with its output if it fails."""
     inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # each test has its own store
-    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+    merged = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in merged.items() if v is not None}  # env={"NAME": None} removes NAME
     proc = subprocess.run(
         [sys.executable, str(REPO / script), *args],
         cwd=cwd,

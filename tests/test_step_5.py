@@ -240,6 +240,17 @@ def test_from_run_reruns_a_fold_bit_for_bit(experiment):
     assert verdict["folds"]["0/0"]["changes"] == {m: 0.0 for m in FOLD_METRICS}
 
 
+def test_from_run_with_another_thread_count_is_within_noise(experiment):
+    """Another --num-threads adds the same floats in another order (README, "Bit for bit"): the rerun of fold 0/0
+    names the difference, is not identical, and moves by less than the metrics vary between the original's folds."""
+    root_id, then = experiment["root"].info.run_id, experiment["root"].data.params["num_threads"]
+    now = "1" if then != "1" else "2"
+    args = ["--from-run", root_id, "--num-threads", now, "--set", "cv.root_split=0", "--set", "cv.nested_split=0"]
+    rerun = run_script("step_5/train.py", *args, cwd=experiment["cwd"])
+    assert f"env.torch_threads: {then} then, {now} now" in rerun.stderr
+    assert "fold 0/0: within noise: " in rerun.stdout and "Overall: WITHIN NOISE" in rerun.stdout, rerun.stdout[-2000:]
+
+
 def test_from_run_detects_a_changed_setting(experiment):
     """One setting changed for the rerun: the verdict is not identical and says on which metric and by how much,
     judged against the spread between the original's folds as reproduce.verdict_of decides."""

@@ -58,11 +58,12 @@ AS_A_USER_SHELL = dict.fromkeys(MKL_REPRODUCIBLE)  # without the MKL settings th
 
 @pytest.fixture(scope="module")
 def runs(make_standin, tmp_path_factory) -> dict:
-    """Four quick runs in one store: seed 0 with 0 workers, with 2 workers, with 1 thread; seed 1; then analyze."""
+    """Four quick runs in one store: seed 0 with 0 workers, with 2 workers, with 1 thread; seed 1 with 2 workers and
+    1 thread (no value at its default); then analyze."""
     data_dir, cwd = make_standin(N_SMALL), tmp_path_factory.mktemp("step2")
     ids = {}
     for name, seed, workers, threads in (("a", "0", "0", "2"), ("b", "0", "2", "2"), ("d", "0", "0", "1"),
-                                         ("c", "1", "0", "2")):  # fmt: skip
+                                         ("c", "1", "2", "1")):  # fmt: skip
         proc = run_script(
             "step_2/train.py", "--quick", "--data-dir", str(data_dir), "--seed", seed, "--num-workers", workers,
             "--num-threads", threads, cwd=cwd, env=AS_A_USER_SHELL,
@@ -208,6 +209,24 @@ def test_logged_model_loads_without_our_code_and_analyze_rechecks_it(runs, tmp_p
         env={**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri},
     )  # fmt: skip
     assert proc.returncode == 0 and "shape (3,)" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_a_run_is_rerun_bit_for_bit_from_its_record_alone(runs):
+    """The README's "Rerun any run from its record" command, as written, on run c (seed 1, 2 workers, 1 thread:
+    no value at its default), gives the same predictions and metrics: the record says what ran."""
+    readme = (REPO / "step_2/README.md").read_text()
+    block = readme.split("<!-- rerun-from-record -->\n```bash\n", 1)[1].split("```", 1)[0]
+    command = block.replace("step_2/train.py", str(REPO / "step_2/train.py")).replace("RUN_ID", runs["ids"]["c"])
+    env = {**os.environ, **AS_A_USER_SHELL, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {k: v for k, v in env.items() if v is not None and k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        ["bash", "-c", command], cwd=runs["cwd"], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again, before = run_outputs(runs["client"], root_run_id(proc.stdout)), run_outputs(runs["client"], runs["ids"]["c"])
+    assert again["metrics"] == before["metrics"]
+    for name in ("dev", "test"):
+        pd.testing.assert_frame_equal(again["tables"][name], before["tables"][name], check_exact=True)
 
 
 def test_another_seed_gives_other_results(runs):

@@ -71,6 +71,35 @@ def client_in(cwd: Path) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
 
 
+def command_from_record(client: mlflow.MlflowClient, fold_run: mlflow.entities.Run, folder: Path) -> list[str]:
+    """The train.py flags that rerun one fold of steps 3 and 4, from what MLflow recorded alone: the root run's
+    params (seed, quick, device, data folder, deterministic; trials and pruning in step 4) and logged split file
+    (downloaded into `folder`), the fold run's params (threads, workers) and tags (which fold). Nothing else."""
+    root = client.get_run(fold_run.data.tags["mlflow.parentRunId"])
+    params, fold = root.data.params, fold_run.data.params
+    (logged,) = client.list_artifacts(root.info.run_id, "splits")
+    flags = [
+        "--seed", params["seed"], "--device", params["device"], "--data-dir", params["data_dir"],
+        "--split-file", client.download_artifacts(root.info.run_id, logged.path, str(folder)),
+        "--num-threads", fold["num_threads"], "--num-workers", fold["num_workers"],
+        "--root-split", fold_run.data.tags["root_split_id"], "--nested-split", fold_run.data.tags["nested_split_id"],
+        *(["--quick"] if params["quick"] == "True" else []),
+        "--deterministic" if params["deterministic"] == "True" else "--no-deterministic",
+    ]  # fmt: skip
+    if "n_trials" in params:  # step 4: the search's budget and pruning (its storage is this folder's own)
+        flags += ["--n-trials", params["n_trials"], "--pruning" if params["pruning"] == "True" else "--no-pruning"]
+    return flags
+
+
+def logged_predictions(client: mlflow.MlflowClient, run_id: str, folder: Path) -> dict[str, bytes]:
+    """The dev and test prediction tables a run logged, as bytes (every bit of every score)."""
+    (folder := folder / run_id).mkdir(parents=True, exist_ok=True)
+    return {
+        name: Path(client.download_artifacts(run_id, f"predictions/{name}_predictions.csv", str(folder))).read_bytes()
+        for name in ("dev", "test")
+    }
+
+
 STEP_LOCAL = (
     "pets",
     "runs",

@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, load_step_module, run_script
+from conftest import REPO, client_in, command_from_record, load_step_module, logged_predictions, run_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlflow.entities import Metric, Param
@@ -197,6 +197,19 @@ def test_kill_after_the_first_fold_then_resume_gives_the_same_folds(cv, split_fi
         assert folds[fold][0].data.metrics == uninterrupted[fold][0].data.metrics, fold
     roots = client.search_runs([experiment_id], "tags.run_level = 'root'")
     assert len(roots) == 1 and roots[0].data.tags["run_complete"] == "true"
+
+
+def test_a_fold_is_rerun_bit_for_bit_from_its_record_alone(cv, tmp_path):
+    """Fold 2/0, rebuilt from what MLflow recorded (conftest.command_from_record: the root's params and logged split
+    file, the fold run's params and tags) and run in a new folder, gives the same metrics and predictions."""
+    (original,) = fold_runs(cv["client"])[(2, 0)]
+    (cwd := tmp_path / "rerun").mkdir()
+    run_script("step_3/train.py", *command_from_record(cv["client"], original, tmp_path), cwd=cwd)
+    (again,) = fold_runs(client_in(cwd))[(2, 0)]
+    assert again.data.metrics == original.data.metrics
+    assert logged_predictions(client_in(cwd), again.info.run_id, tmp_path) == logged_predictions(
+        cv["client"], original.info.run_id, tmp_path
+    )
 
 
 def test_dead_pid_sweep_marks_only_dead_processes_on_this_host(tmp_path):

@@ -14,7 +14,15 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import REPO, client_in, load_step_module, main_in_process, run_script
+from conftest import (
+    REPO,
+    client_in,
+    command_from_record,
+    load_step_module,
+    logged_predictions,
+    main_in_process,
+    run_script,
+)
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -39,6 +47,13 @@ def fold_runs(client: mlflow.MlflowClient) -> dict[tuple[int, int], list]:
     for run in runs_of(client, "tags.run_level = 'fold' AND tags.fold_complete = 'true'"):
         folds.setdefault((int(run.data.tags["root_split_id"]), int(run.data.tags["nested_split_id"])), []).append(run)
     return folds
+
+
+def refit_of(client: mlflow.MlflowClient, fold: mlflow.entities.Run) -> str:
+    """The id of a fold's refit run (it holds the fold's predictions)."""
+    query = f"tags.run_level = 'refit' AND tags.mlflow.parentRunId = '{fold.info.run_id}'"
+    (refit,) = client.search_runs([fold.info.experiment_id], query)
+    return refit.info.run_id
 
 
 def studies_in(cwd: Path) -> dict[str, optuna.Study]:
@@ -174,8 +189,11 @@ def test_a_refit_that_differs_is_tagged_and_reported(split_file, tmp_path, monke
 
 def test_sigkill_mid_study_then_rerun_keeps_every_finished_trial(search, split_file, tmp_path):
     """SIGKILL while fold 0/1's study has a finished and a running trial; the same command again fails the
-    killed trial, redoes it, and ends with the uninterrupted run's trials, choice and metrics."""
-    args = train_args(split_file, "--root-split", "0", "--nested-split", "1")
+    killed trial, redoes it, and ends with the uninterrupted run's trials, choice, metrics and predictions. The
+    command is rebuilt from the uninterrupted run's record alone (conftest.command_from_record), so this also shows
+    that the record says what ran."""
+    (original,) = fold_runs(search["client"])[(0, 1)]
+    args = command_from_record(search["client"], original, tmp_path)
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "step_4/train.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -200,10 +218,11 @@ def test_sigkill_mid_study_then_rerun_keeps_every_finished_trial(search, split_f
     states = [t.state for t in study.trials]
     assert states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states
     assert len(by_slot(study)) == 3  # slots 0, 1, 2: three finished trials, none twice
-    (original,) = fold_runs(search["client"])[(0, 1)]
     assert by_slot(study) == by_slot(search["studies"][original.data.tags["optuna_study"]])
     (fold,) = fold_runs(client)[(0, 1)]
     assert fold.data.metrics == original.data.metrics
+    refits = [refit_of(c, run) for c, run in ((client, fold), (search["client"], original))]
+    assert logged_predictions(client, refits[0], tmp_path) == logged_predictions(search["client"], refits[1], tmp_path)
     assert not runs_of(client, "attributes.status = 'RUNNING'")
 
 

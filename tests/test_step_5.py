@@ -243,7 +243,7 @@ def test_from_run_reruns_a_fold_bit_for_bit(experiment):
 def test_from_run_with_another_thread_count_is_within_noise(experiment):
     """Another --num-threads adds the same floats in another order (README, "Bit for bit"): the rerun of fold 0/0
     names the difference, is not identical, and moves by less than the metrics vary between the original's folds."""
-    root_id, then = experiment["root"].info.run_id, experiment["root"].data.params["num_threads"]
+    root_id, then = experiment["root"].info.run_id, experiment["root"].data.tags["env.torch_threads"]
     now = "1" if then != "1" else "2"
     args = ["--from-run", root_id, "--num-threads", now, "--set", "cv.root_split=0", "--set", "cv.nested_split=0"]
     rerun = run_script("step_5/train.py", *args, cwd=experiment["cwd"])

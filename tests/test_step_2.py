@@ -151,9 +151,10 @@ print(f"offsets giving other bits: {differing}")
 
 
 def test_mkl_gives_the_same_bits_wherever_the_input_lies_in_memory():
-    """The cause of a rare 0-vs-2-workers mismatch: MKL, which computes torch's CPU matrix products, by default
-    picks its code path by the alignment of the input memory (on the machine where this was found, the head's
-    64-to-1 product gave other bits at 12 of 16 offsets) and may change its thread count from call to call.
+    """A way for the same command to give other bits (benchmarks/README.md, determinism.py): MKL, which computes
+    torch's CPU matrix products, by default picks its code path by the alignment of the input memory (on the
+    machine where this was found, the head's 64-to-1 product gave other bits at 12 of 16 offsets) and may change
+    its thread count from call to call.
     seed_everything puts MKL in its reproducible mode before its first call: every MKL call says CNR:AUTO Dyn:0,
     and the product is the same at every offset. Run as a user would run it, without the tests' own setting."""
     env = {**{k: v for k, v in os.environ.items() if k not in MKL_REPRODUCIBLE}, "MKL_VERBOSE": "1"}
@@ -161,7 +162,7 @@ def test_mkl_gives_the_same_bits_wherever_the_input_lies_in_memory():
         [sys.executable, "-c", MKL_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True
     )
     calls = [line for line in proc.stdout.splitlines() if line.startswith("MKL_VERBOSE SGEMM")]
-    assert len(calls) == 16, proc.stdout[-2000:]
+    assert calls, proc.stdout[-2000:]  # the products went through MKL
     assert all(" CNR:AUTO " in line and " Dyn:0 " in line for line in calls), calls[0]
     assert "offsets giving other bits: 0" in proc.stdout
 

@@ -170,8 +170,8 @@ def test_mkl_gives_the_same_bits_wherever_the_input_lies_in_memory():
 
 def test_another_thread_count_changes_the_last_bits(runs):
     """torch splits sums over threads: another --num-threads adds the same floats in another order. The split,
-    the subset and the augmentation stay the same; the weights differ in their last bits after the first step,
-    and training carries the difference on."""
+    the subset and the augmentation stay the same; the weights differ in their last bits from the first
+    fine-tuning steps on (benchmarks/determinism.py), and training carries the difference on."""
     a, d = run_outputs(runs["client"], runs["ids"]["a"]), run_outputs(runs["client"], runs["ids"]["d"])
     for name in ("dev", "test"):
         pd.testing.assert_frame_equal(a["tables"][name][["file", "label"]], d["tables"][name][["file", "label"]])

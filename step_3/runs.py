@@ -1,9 +1,10 @@
 """MLflow runs that end the way the work did: stop signals, KILLED runs, the experiment, cheap step logging.
 
 Ctrl-C, `timeout`, `kill` and SLURM signal the whole process group. The handler only sets a flag; the training
-loop calls `check_stop` after every batch, which raises, so every `tracked_run` closes as KILLED (an error
-closes it FAILED) and no run is left RUNNING. A handler that raised by itself could fire inside MLflow or
-DataLoader code and leave runs RUNNING; DataLoader workers ignore the signals and are shut down by the main process.
+loop calls `check_stop` after every batch, and every wait loop waits with `pause`, which checks it too. Both raise,
+so every `tracked_run` closes as KILLED (an error closes it FAILED) and no run is left RUNNING. A handler that
+raised by itself could fire inside MLflow or DataLoader code and leave runs RUNNING; DataLoader workers ignore the
+signals and are shut down by the main process.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def request_stop(signum: int, _frame: object) -> None:
     """Signal handler: remember the request; a second Ctrl-C interrupts at once."""
     STOP_REQUESTED.set()
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"\n{signal.Signals(signum).name} received: stopping after this batch", file=sys.stderr, flush=True)
+    name = signal.Signals(signum).name
+    print(f"\n{name} received: stopping after this batch, or at once if waiting", file=sys.stderr, flush=True)
 
 
 def install_stop_handlers() -> None:
@@ -47,6 +49,18 @@ def check_stop() -> None:
     """Raise StopRequested if a stop signal has arrived."""
     if STOP_REQUESTED.is_set():
         raise StopRequested("stopped by a signal")
+
+
+def pause(seconds: float) -> None:
+    """Sleep, but raise StopRequested as soon as a stop signal arrives: every wait loop waits with this.
+
+    Short naps with a look at the flag between them, not `STOP_REQUESTED.wait`: waiting on the Event holds its lock
+    at moments, and the handler, which runs in this same thread, would then wait for that lock for ever."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        check_stop()
+        time.sleep(min(left, 0.1))  # a signal cuts a nap short only to run the handler: the nap goes on after it
+    check_stop()
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
@@ -83,7 +97,13 @@ def store_lock(timeout: float = 60.0) -> Iterator[None]:
             with suppress(FileNotFoundError):
                 if time.time() - lock.stat().st_mtime > timeout:  # left behind by a killed process
                     lock.unlink()
-            time.sleep(0.1)
+            try:
+                pause(0.1)
+            except StopRequested:  # the lock comes before the first run: there is no run to mark KILLED yet
+                raise SystemExit(
+                    f"Stopped by a signal while waiting for {lock}, which another process holds while it sets up the "
+                    "MLflow store: nothing was started, and the same command starts afresh."
+                ) from None
     try:
         yield
     finally:

@@ -6,7 +6,9 @@ storage URL (`postgresql://…`, `mysql://…`; `sqlite:///…` works for one pr
 
 - Resume: the finished trials (complete or pruned) are kept, and a study stops at `n_trials` finished ones,
   however many commands it took. A killed process leaves its trial RUNNING for ever: trials carry `host` and
-  `pid`, and a trial whose process is dead is marked FAIL (its MLflow runs KILLED) and redone.
+  `pid`, and a trial whose process is dead is marked FAIL (its MLflow runs KILLED) and redone. A process killed
+  in the few ms between asking for a trial and recording them leaves a trial with no pid to check: on a journal,
+  such a trial is failed once it is CHOOSING_SECONDS old (on a database, the heartbeat check below catches it).
 - Workers on other machines (a database storage such as PostgreSQL): their pid cannot be checked, so each running
   trial records a heartbeat every HEARTBEAT_SECONDS (Optuna's RDB heartbeat), and a trial without one for
   GRACE_SECONDS is failed and redone. Optuna's check skips a trial that died before its first heartbeat; such a
@@ -19,9 +21,17 @@ storage URL (`postgresql://…`, `mysql://…`; `sqlite:///…` works for one pr
   its slot is past the end and gives its trial up as FAIL (tag `surplus`) before drawing anything. The workers
   that waited all reach the fold's refit at once: the refit is claimed the same way, as the one trial of the
   study `claim-<fold's study>-refit`, so exactly one of them refits the fold (`claim_refit`).
+- Stop signals: every wait here (for other processes' trials, for a slot) waits with `runs.pause`, and each new
+  trial starts with `runs.check_stop`, so Ctrl-C or SIGTERM ends a waiting worker at once; a trial asked for and
+  not yet begun is told FAIL, never left RUNNING.
 - A torn journal: a process killed in the middle of writing leaves half a record at the end of the file, and
   Optuna then refuses to read it. Under the journal's lock, such a last record (it has no line end, so its write
-  never completed) is moved to a side file and removed; a damaged record elsewhere stops with how to repair it.
+  never completed) is moved to a side file and removed. A damaged record elsewhere is not something a killed
+  writer leaves (another program, a disk fault), so nothing is cut by itself: the command stops and says how to
+  repair it. The journal is a log, replayed from the top, so the lines before the damaged one are the studies as
+  they were at that moment: cut the file there, and the next command redoes what came after, in the same slots.
+  Deleting only the damaged line is not safe: Optuna numbers trials by the order of their creation records, so
+  without one, every later record lands on the wrong trial.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import json
 import os
 import random
 import re
+import shlex
 import socket
 import time
 import warnings
@@ -47,6 +58,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
+import runs
 from resume import owner_alive, owner_tags, pid_alive
 
 DEFAULT_STORAGE = "optuna_studies.journal"  # in the working directory, next to MLflow's mlflow.db
@@ -55,7 +67,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WAIT_SECONDS = 2.0  # how often a process waiting for other processes' trials looks again
 HEARTBEAT_SECONDS = 10  # database storage: how often a running trial records that its worker is alive
 GRACE_SECONDS = 60  # and how long without a heartbeat before its worker counts as gone (the trial is redone)
-CHOOSING_SECONDS = 10.0  # how long to wait for an earlier trial to choose its slot (a killed process never does)
+# How long to wait for an earlier trial to record its owner and choose its slot (a killed process never does):
+# a live one does both a few ms after asking, even on a busy machine, and a dead one costs a wait this long.
+CHOOSING_SECONDS = 10.0
 NO_HEARTBEAT_SEEN: dict[tuple[str, int], float] = {}  # (study, trial) RUNNING without any heartbeat: first seen
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed by run_trials instead
@@ -85,10 +99,12 @@ def repair_torn_journal(path: Path) -> None:
             try:
                 json.loads(line)
             except ValueError:
+                name = shlex.quote(str(path))
                 raise SystemExit(
                     f"{path}, line {number}: not a readable Optuna journal record, so no study in this file can be "
-                    f"loaded. Keep a copy of the file, then delete that line (e.g. sed -i '{number}d' {path}); the "
-                    "trial it recorded is redone."
+                    "loaded; with no worker running, keep a copy of the file and cut it just before that line (e.g. "
+                    f"head -n {number - 1} {name} > {name}.cut && mv {name}.cut {name}), or restore it from a backup: "
+                    "the next command then redoes the trials recorded from that line on, in the same slots."
                 ) from None
         if torn:
             side_file = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -162,15 +178,21 @@ def claim(storage: str, name: str) -> bool:
 def sweep_dead_trials(study: optuna.Study) -> None:
     """Mark FAIL the RUNNING trials whose worker is gone (their MLflow runs KILLED); live workers' are left alone.
 
-    On this host a worker is checked by its pid (user attributes host, pid). On a database storage any worker's
-    trial is also checked by its heartbeat (Optuna's check, which calls `end_runs`), and a trial that never
-    recorded one is failed GRACE_SECONDS after this process first saw it (Optuna's check skips it)."""
+    On this host a worker is checked by its pid (user attributes host, pid). On a journal, a trial without a pid
+    (its worker was killed right after asking for it) is failed CHOOSING_SECONDS after it was asked. On a database
+    storage any worker's trial is also checked by its heartbeat (Optuna's check, which calls `end_runs`), and a
+    trial that never recorded one is failed GRACE_SECONDS after this process first saw it (Optuna's check skips it)."""
+    storage = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - Optuna wraps a database in a cache
+    on_database = isinstance(storage, RDBStorage)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
         if host == socket.gethostname() and pid is not None and not pid_alive(int(pid)):
             fail(study, trial, "was left RUNNING by a process that no longer exists")
-    storage = getattr(study._storage, "_backend", study._storage)  # noqa: SLF001 - Optuna wraps a database in a cache
-    if not isinstance(storage, RDBStorage):
+        # Not on a database: there such a trial has no heartbeat either (caught below), and datetime_start is the
+        # asking host's clock, which need not agree with this one. A journal's workers all share this clock.
+        elif pid is None and not on_database and asked_seconds_ago(trial) > CHOOSING_SECONDS:
+            fail(study, trial, "was left RUNNING without a pid by a process killed right after asking for it")
+    if not on_database:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -180,6 +202,11 @@ def sweep_dead_trials(study: optuna.Study) -> None:
         first_seen = NO_HEARTBEAT_SEEN.setdefault((study.study_name, number), now)
         if now - first_seen > GRACE_SECONDS:
             fail(study, study.trials[number], f"has had no heartbeat for {GRACE_SECONDS} s: its worker is gone")
+
+
+def asked_seconds_ago(trial: FrozenTrial) -> float:
+    """How long ago the trial was asked for, by this host's clock (Optuna records its start in local time)."""
+    return (datetime.datetime.now() - trial.datetime_start).total_seconds()
 
 
 def without_heartbeat(storage: RDBStorage, study_name: str) -> list[int]:
@@ -266,6 +293,7 @@ def run_trials(
     """Run trials until the study has n_trials finished (complete or pruned) ones, with any other processes."""
     waiting = False
     while True:
+        runs.check_stop()  # between two trials: a stop signal ends the search here, before asking for another
         sweep_dead_trials(study)
         trials = study.get_trials(deepcopy=False)
         if sum(t.state in FINISHED for t in trials) >= n_trials:
@@ -274,13 +302,17 @@ def run_trials(
             if not waiting:
                 print(f"{study.study_name}: waiting for the trials running in other processes")
                 waiting = True
-            time.sleep(WAIT_SECONDS)
+            runs.pause(WAIT_SECONDS)  # a stop signal ends the wait at once
             continue
         trial = study.ask()
-        for key, value in owner_tags().items():
-            trial.set_user_attr(key, value)
-        trial.set_user_attr("mlflow_fold_run_id", mlflow.active_run().info.run_id)
-        slot = free_slot(study, trial.number)
+        try:
+            for key, value in owner_tags().items():
+                trial.set_user_attr(key, value)
+            trial.set_user_attr("mlflow_fold_run_id", mlflow.active_run().info.run_id)
+            slot = free_slot(study, trial.number)
+        except BaseException:  # a stop signal while waiting for a slot: the trial never began; end it, not RUNNING
+            study.tell(trial, state=TrialState.FAIL)
+            raise
         if slot >= n_trials:  # another process took the last slot a moment earlier
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
@@ -302,7 +334,7 @@ def free_slot(study: optuna.Study, number: int) -> int:
         if time.monotonic() > deadline or all("slot" in t.user_attrs for t in earlier):
             held = {t.user_attrs["slot"] for t in earlier if "slot" in t.user_attrs}
             return next(slot for slot in itertools.count() if slot not in held)
-        time.sleep(0.05)
+        runs.pause(0.05)
 
 
 def run_trial(

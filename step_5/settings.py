@@ -1,10 +1,12 @@
 """What a configuration is, and the one way a config file, `--set` overrides or a logged JSON config become one.
 
-A configuration (`Config`) has five sections: data, model, training, cross-validation and search. Any setting may
-hold a hyper-parameter instead of a value (`Categorical`, `Float`, `Int`: Optuna's `suggest_*` calls, declared
-where the value would go); `resolve` replaces each by the value a trial draws, in the order they are declared,
-and leaves fixed values alone. Everything is checked when it is loaded: a wrong key, a value of the wrong type, an
-empty or inverted range or a duplicated hyper-parameter name is one sentence naming the file and the key.
+A configuration (`Config`) has five sections: data, model, training, cross-validation and search. A setting of the
+model or training section may hold a hyper-parameter instead of a value (`Categorical`, `Float`, `Int`: Optuna's
+`suggest_*` calls, declared where the value would go); `resolve` replaces each by the value a trial draws, in the
+order they are declared, and leaves fixed values alone. Everything is checked when it is loaded, before any run
+exists: a wrong key, a value of the wrong type or outside what train.py can use (ALLOWED), a hyper-parameter that
+could draw such a value, an empty or inverted range, a duplicated hyper-parameter name, or a sampler or pruner that
+cannot be built is one sentence naming the file (or the --set), the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import runpy
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torchvision
 
 THIS = sys.modules[__name__]  # this module, whatever name it was imported under (config files import `settings`)
 
@@ -33,7 +37,7 @@ THIS = sys.modules[__name__]  # this module, whatever name it was imported under
 class Categorical:
     """One of `choices` (Optuna's suggest_categorical)."""
 
-    choices: tuple
+    choices: list | tuple
     name: str | None = None  # the Optuna parameter's name; default: the setting's own name
 
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
@@ -148,6 +152,90 @@ class Config:
     training: Training
     cv: CrossValidation
     search: Search
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What each setting may be. A value of the right type can still be one that train.py cannot use (a batch of 0
+# images, a negative learning rate): it would stop the run with a traceback after its MLflow runs exist. The
+# bounds below are checked when a config is loaded, for a fixed value and for every value a hyper-parameter can
+# draw (a range at both ends, each choice).
+@dataclass(frozen=True)
+class Bounds:
+    """Numbers from `low` (or only above it, with `above`) up to, not including, `below` (None: no upper limit)."""
+
+    low: float
+    above: bool = False
+    below: float | None = None
+    why: str = ""  # said with a refusal, where the bound is not obvious
+
+    def allows(self, value: float) -> bool:
+        return (value > self.low if self.above else value >= self.low) and (self.below is None or value < self.below)
+
+    def __str__(self) -> str:
+        words = f"{'above' if self.above else 'at least'} {self.low}"
+        words += "" if self.below is None else f" and below {self.below}"
+        return f"{words} ({self.why})" if self.why else words
+
+
+@dataclass(frozen=True)
+class Names:
+    """One of `names`; a refusal shows the few in `shown`."""
+
+    names: tuple[str, ...]
+    shown: tuple[str, ...]
+    why: str
+
+    def allows(self, value: str) -> bool:
+        return value in self.names
+
+    def __str__(self) -> str:
+        return f"one of {', '.join(self.shown)} or {len(self.names) - len(self.shown)} more ({self.why})"
+
+
+# train.py's build_model puts the new head in place of the backbone's `classifier` (DenseNet) or `fc` (the others)
+# and reads that layer's `.in_features`: only a last layer that is one nn.Linear can be replaced so. Of torchvision's
+# classification models these families have one (a test builds each); AlexNet, VGG, SqueezeNet, MobileNet, MNASNet,
+# EfficientNet, ConvNeXt and MaxViT end in an nn.Sequential, ViT and Swin in `heads` / `head`. GoogLeNet and
+# Inception v3 end in an `fc` too, but in training they also return auxiliary outputs, which the head cannot take.
+BACKBONE_FAMILIES = ("resnet", "resnext", "wide_resnet", "densenet", "regnet_", "shufflenet_v2_")
+BACKBONES = tuple(
+    name for name in torchvision.models.list_models(module=torchvision.models) if name.startswith(BACKBONE_FAMILIES)
+)
+BACKBONE_EXAMPLES = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "densenet121", "regnet_y_400mf")
+
+ALLOWED: dict[str, Bounds | Names] = {
+    # Below 29 px DenseNet's pooling runs out of pixels; below 33 px (61 for DenseNet) the last feature map is one
+    # pixel and BatchNorm stops on a training batch of one image, which an epoch's last batch can be. 64 suits all.
+    "data.image_size": Bounds(64, why="below it, BatchNorm stops on a training batch of one image"),
+    # train.py shares a capped fold 0.70 / 0.15 / 0.15 (QUICK_SHARES) and draws each part stratified, which takes
+    # at least 2 images: one of each class. round(0.15 * 10) = 2.
+    "data.max_images": Bounds(10, why="dev and test each get 15% of it, and each needs an image of each class"),
+    "model.backbone": Names(
+        BACKBONES,
+        BACKBONE_EXAMPLES,
+        "a torchvision model whose last layer is one nn.Linear, which build_model replaces",
+    ),
+    "model.head_hidden": Bounds(1),
+    "model.dropout": Bounds(0, below=1),  # a probability; at 1 every feature would be dropped
+    "training.batch_size": Bounds(1),
+    # fine-tuning starts from the warm-up's best state: a warm-up of no epochs has none (train_phase stops)
+    "training.warmup_epochs": Bounds(1, why="fine-tuning starts from the best state of the warm-up"),
+    "training.warmup_lr": Bounds(0, above=True),  # at 0 nothing would train; below 0 AdamW refuses
+    "training.warmup_weight_decay": Bounds(0),
+    "training.finetune_epochs": Bounds(0),  # 0: the warm-up's head alone is the model
+    "training.finetune_lr": Bounds(0, above=True),
+    "training.finetune_weight_decay": Bounds(0),
+    "training.patience": Bounds(1),  # epochs without a better dev ROC AUC; 0 would stop at the first miss, as 1 does
+    # None (every fold) passes the type check; whether the split file has that many folds is checked when it is read
+    "cv.n_root_splits": Bounds(1),
+    "cv.n_nested_splits": Bounds(1),
+    "cv.root_split": Bounds(0),  # folds are numbered from 0
+    "cv.nested_split": Bounds(0),
+    "search.n_trials": Bounds(1),
+}
+# Where a hyper-parameter may stand: what a trial builds and trains. The data settings are used before any trial
+# (the image check, each fold's parts), and the folds and the search itself are what the trials run in.
+SEARCHED_SECTIONS = ("model", "training")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,40 +359,52 @@ def type_name(hint: Any) -> str:
     return f"{'an' if names[0] in 'aeiou' else 'a'} {names}"
 
 
-def check(node: Any, source: str, path: str = "") -> None:
-    """Every value's type, every hyper-parameter's range and type, and unique hyper-parameter names."""
-    if not isinstance(node, Config) and not path:
-        fail(source, "config", "a settings.Config", node)
-    hints = hints_of(type(node))
-    for f in fields(node):
-        key, value, hint = f"{path}{f.name}", getattr(node, f.name), hints[f.name]
-        if is_dataclass(hint):
-            if not isinstance(value, hint):
-                fail(source, key, f"a settings.{hint.__name__}", value)
-            check(value, source, f"{key}.")
-        elif isinstance(value, Hyperparameter):
-            check_hyperparameter(value, hint, source, key)
-        elif not matches(value, hint):
-            fail(source, key, type_name(hint), value)
-    if not path:
-        names: dict[str, str] = {}
+def check(config: Any, source: str) -> None:
+    """Every value's type and range, every hyper-parameter's, unique hyper-parameter names, the sampler and pruner."""
+    if not isinstance(config, Config):
+        fail(source, "config", "a settings.Config", config)
+    for section, section_type in hints_of(Config).items():
+        node = getattr(config, section)
+        if not isinstance(node, section_type):
+            fail(source, section, f"a settings.{section_type.__name__}", node)
+        for name, hint in hints_of(section_type).items():
+            check_setting(f"{section}.{name}", getattr(node, name), hint, source)
+    names: dict[str, str] = {}
 
-        def unique(at: str, hp: Hyperparameter) -> None:
-            name = param_name(at, hp)
-            if name in names:
-                raise SystemExit(
-                    f"{source}: {names[name]} and {at.rstrip('.')} are both hyper-parameter {name!r}: give one of "
-                    "them another name (name=...)."
-                )
-            names[name] = at.rstrip(".")
+    def unique(at: str, hp: Hyperparameter) -> None:
+        name = param_name(at, hp)
+        if name in names:
+            raise SystemExit(
+                f"{source}: {names[name]} and {at.rstrip('.')} are both hyper-parameter {name!r}: give one of "
+                "them another name (name=...)."
+            )
+        names[name] = at.rstrip(".")
 
-        resolve(node, unique)
-        check_search(node.search, source)
+    resolve(config, unique)
+    check_search(config.search, source)
+
+
+def check_setting(key: str, value: Any, hint: Any, source: str) -> None:
+    """One setting (key: section.name): its type and ALLOWED range; a hyper-parameter only where a trial draws it."""
+    if isinstance(value, Hyperparameter):
+        if key.split(".")[0] not in SEARCHED_SECTIONS:
+            where = "a hyper-parameter can only stand in the model or training section, where each trial draws it"
+            fail(source, key, f"{type_name(hint)} ({where})", value)
+        check_hyperparameter(value, hint, source, key)
+    elif not matches(value, hint):
+        fail(source, key, type_name(hint), value)
+    elif value is not None and key in ALLOWED and not ALLOWED[key].allows(value):
+        fail(source, key, str(ALLOWED[key]), value)
 
 
 def check_hyperparameter(hp: Hyperparameter, hint: Any, source: str, key: str) -> None:
-    """A hyper-parameter fits its setting: Float for a float, Int for an int, choices of the setting's type."""
+    """A hyper-parameter fits its setting: its own fields of their types (whole numbers for an Int), Float for a
+    float, Int for an int, choices of the setting's type; a range that is not empty; every value it can draw in the
+    setting's ALLOWED range (both ends of a range, each choice)."""
     kind = type(hp).__name__
+    for name, field_hint in hints_of(type(hp)).items():  # before any comparison: Int("a", 3) is one sentence too
+        if not matches(getattr(hp, name), field_hint):
+            fail(source, f"{key} = {kind}(...) {name}", type_name(field_hint), getattr(hp, name))
     if isinstance(hp, Categorical):
         wrong = [choice for choice in hp.choices if not matches(choice, hint)]
         if wrong:
@@ -314,25 +414,39 @@ def check_hyperparameter(hp: Hyperparameter, hint: Any, source: str, key: str) -
     problem = hp.problem()
     if problem:
         raise SystemExit(f"{source}: {key} = {kind}(...) is empty: it needs {problem}.")
+    if key in ALLOWED:  # a range is an interval: if both ends are allowed, so is every value between them
+        if isinstance(hp, Categorical):
+            drawn = [(f"{key} choice", choice) for choice in hp.choices]
+        else:
+            drawn = [(f"{key} = {kind}(...) low", hp.low), (f"{key} = {kind}(...) high", hp.high)]
+        for label, value in drawn:
+            if not ALLOWED[key].allows(value):
+                fail(source, label, str(ALLOWED[key]), value)
 
 
 def check_search(search: Search, source: str) -> None:
-    """n_trials ≥ 1, and a sampler and pruner that Optuna has (the pruner built once with its options)."""
-    if search.n_trials < 1:
-        fail(source, "search.n_trials", "at least 1", search.n_trials)
-    for key, module, name in (("search.sampler", optuna.samplers, search.sampler),
-                              ("search.pruner", optuna.pruners, search.pruner)):  # fmt: skip
-        if not isinstance(getattr(module, name, None), type):
-            fail(
-                source,
-                key,
-                f"a class of {module.__name__} (e.g. {'TPESampler' if 'sampl' in key else 'MedianPruner'})",
-                name,
-            )
-    try:
-        make_pruner(search)
-    except (TypeError, ValueError) as error:
-        raise SystemExit(f"{source}: search.pruner_options do not suit {search.pruner}: {error}.") from None
+    """A sampler and a pruner that Optuna has, each built once here as the search builds them: the sampler from a
+    seed alone (make_sampler), the pruner with its options (make_pruner)."""
+    for key, module, base in (("search.sampler", optuna.samplers, optuna.samplers.BaseSampler),
+                              ("search.pruner", optuna.pruners, optuna.pruners.BasePruner)):  # fmt: skip
+        name = getattr(search, key.split(".")[1])
+        found = getattr(module, name, None)
+        if not (isinstance(found, type) and issubclass(found, base)):
+            example = "TPESampler" if "sampl" in key else "MedianPruner"
+            fail(source, key, f"a class of {module.__name__} (e.g. {example})", name)
+    # GridSampler needs a search space, PartialFixedSampler a base sampler, BaseSampler is abstract: a trial's
+    # make_sampler(search, seed) would stop in the middle of the search
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an experimental sampler warns when it is built: it will in the search
+        try:
+            make_sampler(search, seed=0)
+        except (TypeError, ValueError, ImportError) as error:
+            built = f"a sampler that is built from a seed alone, e.g. TPESampler ({error})"
+            fail(source, "search.sampler", built, search.sampler)
+        try:
+            make_pruner(search)
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"{source}: search.pruner_options do not suit {search.pruner}: {error}.") from None
 
 
 def make_pruner(search: Search) -> optuna.pruners.BasePruner:
@@ -386,6 +500,9 @@ def load_file(path: Path) -> tuple[Config, list[Path]]:
         raise SystemExit(f"{source}, line {error.lineno}: this is not valid Python ({error.msg}).") from None
     except Exception as error:  # the file is code: any error in it is the file's, say which
         raise SystemExit(f"{source} stopped with {type(error).__name__}: {error}.") from None
+    except (SystemExit, KeyboardInterrupt) as error:  # not Exceptions, so caught apart: uncaught, `raise SystemExit(0)`
+        # in a config file would end train.py silently with status 0, as if the experiment had run
+        raise SystemExit(f"{source} did not load: running it raised {error!r} before it defined `config`.") from None
     if "config" not in namespace:
         raise SystemExit(f"{source} defines no `config`: it should end with `config = Config(...)`.")
     check(namespace["config"], source)
@@ -416,8 +533,9 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def override(config: Config, assignment: str, source: str) -> Config:
-    """The config with one `section.key=value` applied (--set), checked."""
+def override(config: Config, assignment: str, source: str, whole: bool = True) -> Config:
+    """The config with one `section.key=value` applied (--set): the setting checked, and with `whole` the whole
+    config (apply_overrides checks the whole once, after the last override)."""
     key, sep, text = assignment.partition("=")
     if not sep or "." not in key:
         raise SystemExit(f"--set {assignment}: give SECTION.KEY=VALUE, e.g. --set training.batch_size=16.")
@@ -434,17 +552,27 @@ def override(config: Config, assignment: str, source: str) -> Config:
         value = float(value)
     if not matches(value, hint) and not isinstance(value, Hyperparameter) and matches(text, hint):
         value = text  # a text setting that looks like a number or a name (a folder called 2024): the text
+    check_setting(f"{section_name}.{name}", value, hint, f"{source} with --set {assignment}")  # names its --set
     changed = replace(config, **{section_name: replace(section, **{name: value})})
-    check(changed, f"{source} with --set {assignment}")
+    if whole:
+        check(changed, f"{source} with --set {assignment}")
     return changed
 
 
-def load(path: Path, assignments: list[str]) -> tuple[Config, list[Path]]:
-    """The config file's config with the --set overrides applied in order; the config files read."""
-    config, files = load_file(path)
+def apply_overrides(config: Config, assignments: list[str], source: str) -> Config:
+    """The config with the --set overrides applied in order, each setting checked as it is set, the whole config
+    once after the last: settings that must fit together (a pruner and its options) can be set in either order."""
     for assignment in assignments:
-        config = override(config, assignment, shown(path))
-    return config, files
+        config = override(config, assignment, source, whole=False)
+    if assignments:
+        check(config, f"{source} with --set {' --set '.join(assignments)}")
+    return config
+
+
+def load(path: Path, assignments: list[str]) -> tuple[Config, list[Path]]:
+    """The config file's config with the --set overrides applied (apply_overrides); the config files read."""
+    config, files = load_file(path)
+    return apply_overrides(config, assignments, shown(path)), files
 
 
 def dumps(config: Config) -> str:

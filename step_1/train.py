@@ -388,6 +388,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_writable(folder: Path) -> None:
+    """Stop in one sentence, before any work, if the outputs could not be written to folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".write_check").touch()
+        (folder / ".write_check").unlink()
+    except OSError as error:
+        raise SystemExit(
+            f"Cannot write to {folder} ({error.strerror}): make it writable or run from another folder; nothing was "
+            "trained."
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Split the images once, train, pick the threshold on dev, test, and write everything to results/step_1/."""
     args = parse_args(argv)
@@ -396,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_workers is None:
         args.num_workers = 0 if device.type == "cpu" else 4
     started = time.perf_counter()
+    check_writable(RESULTS_DIR)  # a read-only folder stops here, not after the training, with the model lost
 
     folder = dataset_folder(args.data_dir)
     warn_if_standin(folder)

@@ -1,11 +1,11 @@
 """Provenance: what a run needs on record so that someone else can redo it and trust it.
 
-The code (git commit, dirty flag, uncommitted diff), the command line, the software (Python, torch, CUDA,
-every installed distribution), the hardware (device, CPU model, threads) and the data (a SHA-256 digest of the
-image and annotation files actually used). `log_provenance` puts all of it on the active MLflow run;
-`log_image_lists` records which images each part of a training actually read, and `nondeterminism_reported`
-records the ops that had no deterministic kernel (such a run is not bit-for-bit reproducible).
-"""
+The code (git commit, dirty flag, uncommitted diff, a digest of the step's Python files), the command line, the
+software (Python, torch, CUDA, every installed distribution), the hardware (device, CPU model, threads) and the
+data (a SHA-256 digest of the image and annotation files actually used). `log_provenance` puts all of it on the
+active MLflow run; `log_image_lists` records which images each part of a training actually read, and
+`nondeterminism_reported` records the ops that had no deterministic kernel (such a run is not bit-for-bit
+reproducible)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,15 @@ def git_state(code_dir: Path) -> dict[str, str]:
         "diff": diff,
         "untracked": untracked,
     }
+
+
+def code_digest(code_dir: Path) -> str:
+    """SHA-256 over the names and bytes of the Python files in code_dir: the code that runs, committed or not (a
+    commit that changes only the docs keeps it; an edit that is not committed changes it)."""
+    digest = hashlib.sha256()
+    for path in sorted(code_dir.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def cpu_model() -> str:
@@ -114,6 +123,7 @@ def log_provenance(
         {
             "git_commit": state["commit"],
             "git_dirty": state["dirty"],
+            "code_digest": code_digest(code_dir),
             "command": shlex.join([Path(sys.executable).name, *sys.argv]),
             "dataset_digest": digest,
             "dataset_synthetic": str(is_standin).lower(),

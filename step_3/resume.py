@@ -1,8 +1,11 @@
 """Resume for step 3: find the work already done, through MLflow alone.
 
 A root run and its fold runs carry a run key, a short hash of what decides their results (split file, seed,
-settings). The same command again finds the root run with that key, and a fold counts as done only when its
-completion tag is there: a FINISHED status alone proves nothing (MLflow's exit hook marks open runs FINISHED).
+settings, thread count, code). The same command again finds the root run with that key, and a fold counts as done
+only when its completion tag is there: a FINISHED status alone proves nothing (MLflow's exit hook marks open runs
+FINISHED). Likewise a root run is reopened only when its tag `root_record` says that its record (params,
+provenance, split file) was written to the end; a root whose first command failed or was killed before that stays
+as it ended, and a new root run is started.
 Runs also carry `host` and `pid`, so a new invocation can mark KILLED the runs left RUNNING by a dead process.
 """
 
@@ -21,7 +24,7 @@ import runs
 
 
 def run_key(*parts: object) -> str:
-    """A short hash of everything that decides a run's results (split file, seed, settings)."""
+    """A short hash of everything that decides a run's results (split file, seed, settings, threads, code)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -70,10 +73,10 @@ def completed_folds(experiment_id: str, key: str) -> set[tuple[int, int]]:
 
 
 def find_root_run(client: mlflow.MlflowClient, experiment_id: str, key: str) -> str | None:
-    """The id of the latest root run with this run key, if any."""
+    """The id of the latest root run with this run key whose record is complete, if any."""
     runs = client.search_runs(
         [experiment_id],
-        f"tags.run_level = 'root' AND tags.run_key = '{key}'",
+        f"tags.run_level = 'root' AND tags.run_key = '{key}' AND tags.root_record = 'complete'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )

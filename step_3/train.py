@@ -52,7 +52,7 @@ from tqdm import tqdm
 import resume
 import runs
 from pets import dataset_folder, drop_undecodable, load_image, read_annotations, warn_if_standin
-from provenance import log_image_lists, log_provenance, nondeterminism_reported
+from provenance import code_digest, log_image_lists, log_provenance, nondeterminism_reported
 from splits import load_splits
 
 
@@ -566,7 +566,9 @@ def main(argv: list[str] | None = None) -> None:
     labels_by_file = {p.relative_to(folder).as_posix(): int(y) for p, y in zip(paths, labels, strict=True)}
     splits = load_splits(split_file, folder, labels_by_file)  # stops with one sentence on a leaking or stale file
     folds = choose_folds(splits, args)
-    key = resume.run_key(splits["digest"], args.seed, args.deterministic, asdict(settings))
+    # What decides the results: the split file, seed, determinism, settings, thread count and the code itself
+    code = code_digest(Path(__file__).resolve().parent)
+    key = resume.run_key(splits["digest"], args.seed, args.deterministic, asdict(settings), args.num_threads, code)
     print(f"{len(folds)} fold(s) of {split_file} | {settings.backbone} at {settings.image_size} px on {device}")
 
     experiment_id = runs.use_experiment(EXPERIMENT)
@@ -590,6 +592,7 @@ def main(argv: list[str] | None = None) -> None:
                 digest = splits["meta"]["dataset_digest"]  # load_splits just checked it against the data
                 log_provenance(Path(__file__).resolve().parent, device, folder, splits["files"], is_standin, digest)
                 mlflow.log_artifact(str(split_file), "splits")
+                mlflow.set_tag("root_record", "complete")  # the last: a root is reopened only with its whole record
             for fold in folds:
                 if fold in done:
                     print(f"fold {fold[0]}/{fold[1]} already complete: skipped")

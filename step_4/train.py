@@ -56,7 +56,7 @@ import resume
 import runs
 import studies
 from pets import dataset_folder, drop_undecodable, load_image, read_annotations, warn_if_standin
-from provenance import log_image_lists, log_provenance, nondeterminism_reported
+from provenance import code_digest, log_image_lists, log_provenance, nondeterminism_reported
 from splits import load_splits
 
 
@@ -736,7 +736,11 @@ def main(argv: list[str] | None = None) -> None:
     folds = choose_folds(splits, args)
     space = QUICK_SEARCH_SPACE if args.quick else SEARCH_SPACE
     pruning = PRUNING if args.pruning else None
-    search_key = resume.run_key(splits["digest"], args.seed, args.deterministic, asdict(settings), space, pruning)
+    # What decides the results: the split file, seed, determinism, settings, search, thread count and the code
+    code = code_digest(Path(__file__).resolve().parent)
+    search_key = resume.run_key(
+        splits["digest"], args.seed, args.deterministic, asdict(settings), space, pruning, args.num_threads, code
+    )
     key = resume.run_key(search_key, args.n_trials)  # more trials later: a new root run that extends the same studies
     print(
         f"{len(folds)} fold(s) of {split_file}, {args.n_trials} trials each | {settings.backbone} at "
@@ -778,6 +782,7 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 mlflow.log_dict(search_setup, "search/search_setup.json")
                 mlflow.set_tag("optuna_storage", studies.describe(args.storage))
+                mlflow.set_tag("root_record", "complete")  # the last: a root is reopened only with its whole record
             for fold in folds:
                 if fold in done:
                     print(f"fold {fold[0]}/{fold[1]} already complete: skipped")

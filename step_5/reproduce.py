@@ -1,9 +1,11 @@
 """Reproduce a logged step-5 run from what MLflow recorded, and say whether the result came back.
 
-`fetch` reads a root run's record: its resolved config (JSON: data only, never code), its seed, determinism and
-thread count, and the split file it logged, checked against the recorded digest. `environment_differences` lists
-what is not as it was (code, packages, hardware, data); `judge` compares the new run's folds with the original's
-and gives each fold, and the whole, a verdict:
+`fetch` reads a complete root run's record: its resolved config (JSON: data only, never code), its seed,
+determinism and thread count, and the split file it logged, checked against the recorded digest.
+`environment_differences` lists what is not as it was (code, packages, hardware, data). `environment` is what a
+rerun is keyed by besides the code and the config, so `already_reproduced` reports an earlier rerun only when
+none of them changed. `judge` compares the new run's folds with the original's and gives each fold, and the
+whole, a verdict:
 
 - identical: every fold's metrics and chosen hyper-parameters are equal bit for bit;
 - within noise: a metric moved, but by less than it varies between the original's folds (the standard deviation
@@ -19,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from mlflow.exceptions import MlflowException
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small files: no bars
 
-from provenance import git_state, installed_distributions, software_and_hardware
+from provenance import code_digest, git_state, installed_distributions, software_and_hardware
 
 FOLD_METRICS = ("dev_roc_auc", "test_roc_auc", "threshold")  # all must be equal for "identical"
 NOISE_METRICS = ("dev_roc_auc", "test_roc_auc")  # judged against their spread between the original's folds
@@ -48,7 +51,9 @@ class Original:
 
 
 def fetch(run_id: str, experiment: str) -> Original:
-    """The record of a finished root run of `experiment`; one sentence when the run is not one."""
+    """The record of a complete root run of `experiment`; one sentence when the run is not one."""
+    if not run_id.strip():
+        raise SystemExit("--from-run was given an empty run id (an unset shell variable?): give a root run's id.")
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -61,16 +66,30 @@ def fetch(run_id: str, experiment: str) -> Original:
             f"--from-run {run_id}: a {tags.get('run_level', 'non-step')} run of experiment {name!r}; give the id of a "
             f"root run of {experiment!r} (the top run in the UI)."
         )
+    if tags.get("run_complete") != "true":  # a killed, failed or still running root has folds missing
+        raise SystemExit(
+            f"--from-run {run_id}: this root run is {run.info.status} and not complete (no run_complete tag), so "
+            "there is no whole result to compare with: finish it with its own command first, or give a complete run."
+        )
     folder = Path(tempfile.mkdtemp(prefix=f"reproduce-{run_id[:8]}-"))  # the new run logs its own copy
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     try:
-        config = json.loads(
-            Path(client.download_artifacts(run_id, "config/resolved_config.json", str(folder))).read_text()
-        )
-        split_file = Path(client.download_artifacts(run_id, "splits", str(folder)))
+        text = Path(client.download_artifacts(run_id, "config/resolved_config.json", str(folder))).read_text()
+        split_files = list(Path(client.download_artifacts(run_id, "splits", str(folder))).glob("*.json"))
     except (MlflowException, OSError) as error:
         raise SystemExit(f"--from-run {run_id}: its config or split file is not in its artifacts ({error}).") from None
-    (split_file,) = split_file.glob("*.json")
+    try:
+        config = json.loads(text)
+    except ValueError as error:
+        raise SystemExit(
+            f"--from-run {run_id}: its config/resolved_config.json is not readable JSON ({error})."
+        ) from None
+    if len(split_files) != 1:
+        raise SystemExit(
+            f"--from-run {run_id}: its splits/ artifact folder holds {len(split_files)} JSON files, not the one split "
+            "file the run logged; it cannot be reproduced from this record."
+        )
+    (split_file,) = split_files
     if hashlib.sha256(split_file.read_bytes()).hexdigest() != tags.get("split_file_digest"):
         raise SystemExit(
             f"--from-run {run_id}: the logged split file's digest is not the recorded split_file_digest: the "
@@ -85,6 +104,31 @@ def fetch(run_id: str, experiment: str) -> Original:
     )
 
 
+def environment(device: torch.device) -> dict[str, str]:
+    """What a rerun's verdict depends on besides the code and the config: the software and hardware (thread count
+    included) and every installed distribution (as a digest). Part of a rerun's run key."""
+    packages = hashlib.sha256(installed_distributions().encode()).hexdigest()
+    return {**software_and_hardware(device), "installed_distributions": packages}
+
+
+def already_reproduced(experiment_id: str, key: str, folds: list, done: set) -> bool:
+    """Whether a complete rerun with this run key (the same record, code, packages, hardware and threads) has
+    every fold asked for: then its verdict is printed, and nothing is rerun."""
+    query = f"tags.run_level = 'root' AND tags.run_key = '{key}' AND tags.run_complete = 'true'"
+    earlier = mlflow.MlflowClient().search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
+    earlier = [run for run in earlier if "reproduction_verdict" in run.data.tags]
+    if not earlier or not set(folds) <= done:
+        return False
+    run = earlier[0]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
+    print(
+        f"Already reproduced by run {run.info.run_id} on {when}, with this code, these packages, this hardware and "
+        f"thread count: verdict {run.data.tags['reproduction_verdict'].upper()} (its reproduction/verdict.json). "
+        "Nothing was rerun; a change to any of them makes a new rerun."
+    )
+    return True
+
+
 def environment_differences(original: Original, code_dir: Path, device: torch.device) -> list[str]:
     """What differs from the original's record: git commit and dirty state, packages, hardware, data digest."""
     tags = original.run.data.tags
@@ -92,6 +136,7 @@ def environment_differences(original: Original, code_dir: Path, device: torch.de
     now = {
         "git_commit": state["commit"],
         "git_dirty": state["dirty"],
+        "code_digest": code_digest(code_dir),
         **{f"env.{key}": value for key, value in software_and_hardware(device).items()},
     }
     differences = [

@@ -1,8 +1,11 @@
 """Resume for step 4: find the work already done, through MLflow alone.
 
 A root run and its fold runs carry a run key, a short hash of what decides their results (split file, seed,
-settings). The same command again finds the root run with that key, and a fold counts as done only when its
-completion tag is there: a FINISHED status alone proves nothing (MLflow's exit hook marks open runs FINISHED).
+settings, thread count, code). The same command again finds the root run with that key, and a fold counts as done
+only when its completion tag is there: a FINISHED status alone proves nothing (MLflow's exit hook marks open runs
+FINISHED). Likewise a root run is reopened only when its tag `root_record` says that its record (params,
+provenance, split file) was written to the end; a root whose first command failed or was killed before that stays
+as it ended, and a new root run is started.
 Runs also carry `host` and `pid`, so a new invocation can mark KILLED the runs left RUNNING by a dead process.
 With a tracking server, workers may run on other machines, whose pids cannot be checked: there a worker's root
 and fold runs carry a `heartbeat` tag (Unix time, renewed every HEARTBEAT_SECONDS), and a run of another host
@@ -35,7 +38,7 @@ ROOT_WAIT_SECONDS = 120  # how long to wait for the root run that another worker
 
 
 def run_key(*parts: object) -> str:
-    """A short hash of everything that decides a run's results (split file, seed, settings)."""
+    """A short hash of everything that decides a run's results (split file, seed, settings, threads, code)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -115,10 +118,10 @@ def completed_folds(experiment_id: str, key: str) -> set[tuple[int, int]]:
 
 
 def find_root_run(client: mlflow.MlflowClient, experiment_id: str, key: str) -> str | None:
-    """The id of the latest root run with this run key, if any."""
+    """The id of the latest root run with this run key whose record is complete, if any."""
     runs = client.search_runs(
         [experiment_id],
-        f"tags.run_level = 'root' AND tags.run_key = '{key}'",
+        f"tags.run_level = 'root' AND tags.run_key = '{key}' AND tags.root_record = 'complete'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -147,11 +150,25 @@ def root_run(
 
 
 def wait_for_root_run(client: mlflow.MlflowClient, experiment_id: str, key: str) -> str | None:
-    """The root run that another worker claimed and is starting; None (start one) if it never appears."""
+    """The root run that another worker claimed and is starting, once its record is complete; None (start one
+    here) if that worker's root ended before its record was, or never appears."""
     deadline = time.monotonic() + ROOT_WAIT_SECONDS
     while time.monotonic() < deadline:
         if root_id := find_root_run(client, experiment_id, key):
             return root_id
-        time.sleep(0.5)
+        query = f"tags.run_level = 'root' AND tags.run_key = '{key}'"
+        for other in client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1):
+            if other.info.status != "RUNNING" or not owner_alive(other.data.tags):
+                print(
+                    f"Root run {other.info.run_id} of run key {key} ended {other.info.status} before its record was "
+                    "complete: starting a new root run here"
+                )
+                return None
+        try:
+            runs.pause(0.5)  # a stop signal ends the wait at once
+        except runs.StopRequested:
+            raise SystemExit(
+                "Stopped by a signal while waiting for another worker's root run: nothing started."
+            ) from None
     print(f"WARNING: the worker that claimed run key {key}'s root run never started it: starting one here")
     return None

@@ -57,13 +57,14 @@ import resume
 import runs
 import studies
 from pets import dataset_folder, drop_undecodable, load_image, read_annotations, warn_if_standin
-from provenance import log_image_lists, log_provenance, nondeterminism_reported
+from provenance import code_digest, log_image_lists, log_provenance, nondeterminism_reported
 from settings import (
     Config,
     CrossValidation,
     Model,
     Search,
     Training,
+    apply_overrides,
     drawn_by,
     dumps,
     flat_settings,
@@ -71,7 +72,6 @@ from settings import (
     load,
     make_pruner,
     make_sampler,
-    override,
     resolve,
     search_space,
     taken_from,
@@ -548,7 +548,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--config",
         type=Path,
-        help=f"the experiment's config file; None: {CONFIG.name} beside this (with --quick: {QUICK_CONFIG.name})",
+        help=f"the experiment's config file, Python that runs as code (run only files you trust); None: {CONFIG.name} "
+        f"beside this (with --quick: {QUICK_CONFIG.name})",
     )
     parser.add_argument(
         "--set",
@@ -665,14 +666,13 @@ def load_experiment(args: argparse.Namespace) -> tuple[Config, list[Path], repro
     """The experiment: a config file with the --set overrides, or a logged run's record (--from-run); the config
     files read; the original run. Fills in the seed, determinism and threads the command line left open."""
     original, files = None, []
-    if args.from_run:
+    if args.from_run is not None:  # even "" (an unset shell variable): fetch refuses it
         if args.quick or args.config:
             raise SystemExit("--from-run takes the experiment from the run's record: give it without --quick/--config.")
         original = reproduce.fetch(args.from_run, EXPERIMENT)
         source = f"run {args.from_run}'s config/resolved_config.json"
         config = from_json(original.config, source)  # JSON is data: nothing fetched from a server is executed
-        for assignment in args.set:
-            config = override(config, assignment, source)
+        config = apply_overrides(config, args.set, source)
         config = replace(config, data=replace(config.data, split_file=str(original.split_file)))
     elif args.quick and args.config:
         raise SystemExit("--quick means --config step_5/config_quick.py: give one of them, not both.")
@@ -719,8 +719,12 @@ def main(argv: list[str] | None = None) -> None:
         cv=None,
         search=replace(config.search, n_trials=0, storage=""),
     )
-    rerun_of = None if original is None else (args.from_run, args.num_threads)  # other threads: another rerun
-    search_key = resume.run_key(splits["digest"], args.seed, args.deterministic, to_json(recipe), rerun_of)
+    # A rerun is also keyed by what its verdict depends on: the packages, the hardware and the thread count
+    rerun_of = None if original is None else (args.from_run, reproduce.environment(device))
+    code = code_digest(Path(__file__).resolve().parent)
+    search_key = resume.run_key(
+        splits["digest"], args.seed, args.deterministic, to_json(recipe), args.num_threads, code, rerun_of
+    )
     key = resume.run_key(search_key, config.search.n_trials)  # more trials later: a new root run, the same studies
     print(
         f"{len(folds)} fold(s) of {split_file}, {config.search.n_trials} trials each | {config.model.backbone} at "
@@ -732,6 +736,8 @@ def main(argv: list[str] | None = None) -> None:
 
     experiment_id = runs.use_experiment(EXPERIMENT)
     done = resume.completed_folds(experiment_id, key)
+    if original and reproduce.already_reproduced(experiment_id, key, folds, done):
+        return  # this very rerun was made before: its verdict is printed, nothing is rerun
     claim = f"{EXPERIMENT}-root-{key}"  # of workers that start together, the one that claims this starts the root
     try:
         with resume.root_run(
@@ -773,6 +779,7 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 mlflow.log_dict(search_setup, "search/search_setup.json")
                 mlflow.set_tag("optuna_storage", studies.describe(config.search.storage))
+                mlflow.set_tag("root_record", "complete")  # the last: a root is reopened only with its whole record
             for fold in folds:
                 if fold in done:
                     print(f"fold {fold[0]}/{fold[1]} already complete: skipped")

@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 # The steps put MKL in its reproducible mode before their first computation (seed_everything); MKL reads the
@@ -98,6 +100,30 @@ def logged_predictions(client: mlflow.MlflowClient, run_id: str, folder: Path) -
         name: Path(client.download_artifacts(run_id, f"predictions/{name}_predictions.csv", str(folder))).read_bytes()
         for name in ("dev", "test")
     }
+
+
+def scramble_test_split(train: object, root: int, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leak guard of steps 4 and 5: in `train` (a step's train module), every test label of outer fold `root`
+    is flipped and every test image read as one noise image (written in folder). A decision that reads nothing of
+    the test split (trials, pruning, the best trial, the refit's early stopping, the threshold) stays bit for bit
+    the same; only the test metrics move."""
+    noise = folder / "noise.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(noise)
+    real_load_splits, real_load_image, test_files = train.load_splits, train.load_image, set()
+
+    def flipped(*args: object, **kwargs: object) -> dict:
+        splits = real_load_splits(*args, **kwargs)
+        test = splits["root_splits"][root]["test"]
+        splits["labels"] = splits["labels"].copy()
+        splits["labels"][test] = 1 - splits["labels"][test]
+        test_files.update(splits["files"][i] for i in test)
+        return splits
+
+    def noisy(path: Path, *args: object, **kwargs: object) -> object:
+        return real_load_image(noise if path in test_files else path, *args, **kwargs)
+
+    monkeypatch.setattr(train, "load_splits", flipped)
+    monkeypatch.setattr(train, "load_image", noisy)
 
 
 STEP_LOCAL = (

@@ -110,6 +110,16 @@ def test_missing_dataset_is_one_clear_sentence(tmp_path):
     assert proc.returncode != 0 and "download_data.py" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_an_unwritable_results_folder_stops_before_training(make_standin, tmp_path):
+    """results/ that cannot be written (here a file in its place: the tests run as root, whom chmod does not stop)
+    is one sentence before any training, not a traceback after it with the model lost."""
+    (tmp_path / "results").write_text("")
+    proc = run_script("step_1/train.py", "--quick", "--data-dir", str(make_standin(N_SMALL)), cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("Cannot write to results/step_1 (")
+    assert "warmup" not in proc.stderr + proc.stdout  # stopped before the first epoch
+
+
 def test_offline_pretrained_weights_give_one_clear_sentence(make_standin, tmp_path):
     """Without --quick, the ImageNet weights must be downloaded; offline that fails with advice, not a trace."""
     proc = run_script(

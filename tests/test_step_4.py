@@ -1,6 +1,7 @@
 """Step 4: a seeded, pruned Optuna search in every fold. The run tree and trial counts, the refit check, the
-analysis figures, test labels that never reach the search, a SIGKILL mid-study and its resume, two workers
-sharing the trials, and a torn journal record."""
+analysis figures, a scrambled test split that reaches no decision, a SIGKILL mid-study and its resume, two workers
+sharing the trials, torn and damaged journal records, stop signals while waiting, every input of the study and run
+keys, and a root run whose record was never written."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from conftest import (
     logged_predictions,
     main_in_process,
     run_script,
+    scramble_test_split,
 )
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -144,28 +146,30 @@ def test_analysis_shows_the_searches_and_the_chosen_values(search):
     assert "Model check: 2 of 2 fold models reproduce their logged test scores bit for bit" in out
 
 
-def test_test_labels_never_reach_the_search(search, split_file, tmp_path, monkeypatch):
-    """Every test label of outer fold 0 flipped: the search makes exactly the same trials and choice, and only the
-    test ROC AUC changes (to 1 - the original: proof that the flipped labels were used where they belong)."""
+def test_the_test_split_reaches_no_decision(search, split_file, tmp_path, monkeypatch):
+    """Every test label of outer fold 0 flipped and every test image replaced by noise: the search makes exactly
+    the same trials and choice, the refit stops at the same epoch with the same dev predictions and threshold, and
+    only the test results change (proof that the scrambled test split was used where it belongs)."""
     train = load_step_module("step_4", "train")
-    real_load_splits = train.load_splits
-
-    def flipped_test_labels(*args, **kwargs) -> dict:
-        splits = real_load_splits(*args, **kwargs)
-        test = splits["root_splits"][0]["test"]
-        splits["labels"] = splits["labels"].copy()
-        splits["labels"][test] = 1 - splits["labels"][test]
-        return splits
-
-    monkeypatch.setattr(train, "load_splits", flipped_test_labels)
+    scramble_test_split(train, 0, tmp_path, monkeypatch)
     main_in_process(train, train_args(split_file, "--root-split", "0", "--nested-split", "0"), tmp_path, monkeypatch)
-    (scrambled,) = fold_runs(client_in(tmp_path))[(0, 0)]
+    client = client_in(tmp_path)
+    (scrambled,) = fold_runs(client)[(0, 0)]
     (original,) = fold_runs(search["client"])[(0, 0)]
     (study,) = studies_in(tmp_path).values()
-    assert by_slot(study) == by_slot(search["studies"][original.data.tags["optuna_study"]])
+    assert by_slot(study) == by_slot(search["studies"][original.data.tags["optuna_study"]])  # trials, pruning
     assert {k: scrambled.data.params[k] for k in SEARCHED} == {k: original.data.params[k] for k in SEARCHED}
-    assert scrambled.data.metrics["dev_roc_auc"] == original.data.metrics["dev_roc_auc"]
-    assert scrambled.data.metrics["test_roc_auc"] == pytest.approx(1 - original.data.metrics["test_roc_auc"])
+    for metric in ("dev_roc_auc", "threshold"):
+        assert scrambled.data.metrics[metric] == original.data.metrics[metric], metric
+    new = client.get_run(refit_of(client, scrambled))
+    old = search["client"].get_run(refit_of(search["client"], original))
+    assert {t: new.data.tags[t] for t in ("best_phase", "best_epoch")} == {
+        t: old.data.tags[t] for t in ("best_phase", "best_epoch")
+    }  # early stopping kept the same epoch
+    predictions = logged_predictions(client, new.info.run_id, tmp_path / "new")
+    before = logged_predictions(search["client"], old.info.run_id, tmp_path / "old")
+    assert predictions["dev"] == before["dev"] and predictions["test"] != before["test"]
+    assert scrambled.data.metrics["test_roc_auc"] != original.data.metrics["test_roc_auc"]
 
 
 def test_a_refit_that_differs_is_tagged_and_reported(split_file, tmp_path, monkeypatch, capsys):
@@ -294,15 +298,19 @@ def test_a_torn_last_journal_record_is_repaired_and_nothing_is_lost(tmp_path, ca
 
 
 def test_a_damaged_record_inside_the_journal_is_refused_with_how_to_repair(tmp_path):
+    """A damaged record before the last one is not cut by itself: the file is left as it is, and the message names
+    the line and says to cut the file just before it (what that repair gives: the test after the next ones)."""
     studies = load_step_module("step_4", "studies")
     journal = tmp_path / "optuna_studies.journal"
     study = optuna.create_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(journal))))
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
     lines = journal.read_bytes().split(b"\n")
     lines[2] = lines[2][:10]
-    journal.write_bytes(b"\n".join(lines))
-    with pytest.raises(SystemExit, match=r"optuna_studies.journal, line 3: not a readable Optuna journal record"):
+    journal.write_bytes(damaged := b"\n".join(lines))
+    expected = r"journal, line 3: not a readable Optuna journal record.* cut it just before that line \(e.g. head -n 2 "
+    with pytest.raises(SystemExit, match=expected):
         studies.open_storage(str(journal))
+    assert journal.read_bytes() == damaged
 
 
 def test_each_trial_draws_from_its_own_seeded_sampler():
@@ -327,3 +335,298 @@ def test_bad_storage_is_one_sentence_before_any_work(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=f"--storage {storage}: .*{expected}"):
             train.main(["--quick", "--storage", storage])
     assert list(tmp_path.iterdir()) == []  # no MLflow store, no journal
+
+
+def use_own_store(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow calls made in this process go to folder's default store (folder/mlflow.db), as in main_in_process."""
+    monkeypatch.chdir(folder)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+
+
+def test_a_trial_torn_before_its_owner_was_recorded_is_redone_not_waited_for(tmp_path, monkeypatch, capsys):
+    """A worker killed right after asking for a trial: the journal ends with the record that creates the trial and
+    half of the next one (its host). The torn half is moved aside, which leaves the trial RUNNING with no host or
+    pid to check. Asked long ago (an hour, in its record), it is failed and its slot redone: the search ends."""
+    import datetime
+    import json
+    import threading
+
+    studies = load_step_module("step_4", "studies")
+    use_own_store(tmp_path, monkeypatch)
+    journal, sampler = tmp_path / "optuna_studies.journal", optuna.samplers.RandomSampler
+
+    def search(n_trials: int) -> None:
+        study = optuna.load_study(study_name="s", storage=studies.open_storage(str(journal)))
+        with mlflow.start_run():  # run_trials records the active (fold) run on each trial
+            studies.run_trials(study, lambda t: t.suggest_float("x", 0, 1), n_trials, lambda slot: sampler(seed=slot))
+
+    optuna.create_study(study_name="s", storage=studies.open_storage(str(journal)), direction="maximize")
+    search(2)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    created = [i for i, line in enumerate(lines) if json.loads(line)["op_code"] == 4]  # CREATE_TRIAL records
+    record = json.loads(lines[created[1]])  # trial 1's; the killed worker asked for it an hour ago
+    record["datetime_start"] = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)).isoformat()
+    host_record = lines[created[1] + 1]
+    assert b'"host"' in host_record
+    journal.write_bytes(b"".join(lines[: created[1]]) + json.dumps(record).encode() + b"\n" + host_record[:40])
+
+    outcome: dict[str, object] = {}
+
+    def search_to_the_end() -> None:  # in a thread, so that a search that waits for ever fails the test
+        try:
+            search(2)
+            outcome["done"] = True
+        except BaseException as error:  # noqa: BLE001 - shown by the assertion below
+            outcome["error"] = error
+
+    worker = threading.Thread(target=search_to_the_end, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    out = capsys.readouterr().out
+    assert not worker.is_alive(), f"the search still waits for the torn trial:\n{out}"
+    assert outcome == {"done": True}, outcome
+    assert "Repaired" in out and "trial 1 was left RUNNING without a pid" in out
+    study = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(journal))))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[2].user_attrs["slot"] == 1  # the torn trial's slot, redone
+
+
+def test_sigterm_while_waiting_for_other_workers_trials_stops_at_once(search, split_file, tmp_path):
+    """Every slot of fold 0/0's study is held (three finished trials and a fourth RUNNING in a live process: this
+    test), so the command waits for it. SIGTERM then ends the command with its one-sentence message, its runs
+    KILLED and no Optuna trial of its own left RUNNING."""
+    import shutil
+    import socket
+
+    shutil.copy(search["cwd"] / "optuna_studies.journal", tmp_path)  # a fresh MLflow store: the fold is not done
+    ((name, study),) = [(name, study) for name, study in studies_in(tmp_path).items() if "-fold-0-0-" in name]
+    held = study.ask()
+    for key, value in {"host": socket.gethostname(), "pid": str(os.getpid()), "slot": 3}.items():
+        held.set_user_attr(key, value)
+    args = train_args(split_file, "--root-split", "0", "--nested-split", "0", "--n-trials", "4")
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "step_4/train.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env,
+    )  # fmt: skip
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "waiting for the trials running in other processes" in line:
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        seen.append(proc.communicate(timeout=60)[0])  # the timeout only keeps a process that ignores it from hanging
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(seen)
+    assert proc.returncode not in (0, None), output[-3000:]
+    assert "SIGTERM received" in output and "Stopped by a signal: run " in output, output[-3000:]
+    client = client_in(tmp_path)
+    assert not runs_of(client, "attributes.status = 'RUNNING'")
+    stopped = [run for run in runs_of(client) if run.data.tags["run_level"] in ("root", "fold")]
+    assert len(stopped) == 2 and {run.info.status for run in stopped} == {"KILLED"}
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna_studies.journal")))
+    running = [
+        (study.study_name, trial.number)
+        for study in optuna.get_all_study_summaries(storage)
+        for trial in optuna.load_study(study_name=study.study_name, storage=storage).trials
+        if trial.state == TrialState.RUNNING
+    ]
+    assert running == [(name, held.number)]  # only this test's trial
+
+
+def test_cutting_the_journal_before_a_damaged_record_as_advised_keeps_the_trials_consistent(
+    search, tmp_path, monkeypatch
+):
+    """A real journal (folds 0/0 and 0/1) with the record that creates fold 0/1's second trial damaged. The command
+    the message gives, run as it stands, leaves every remaining trial as it was; fold 0/1's search then completes,
+    with the same values in every slot, and its refit can be claimed. (Deleting only that line, the old advice, put
+    later records on the wrong trials: a trial RUNNING without any, and the refit claim stuck RUNNING.)"""
+    import json
+    import re
+    import shutil
+
+    studies = load_step_module("step_4", "studies")
+    train = load_step_module("step_4", "train")
+    use_own_store(tmp_path, monkeypatch)
+    journal = Path(shutil.copy(search["cwd"] / "optuna_studies.journal", tmp_path))
+    (name,) = [name for name in search["studies"] if "-fold-0-1-" in name]
+    original = search["studies"][name]
+    lines = journal.read_bytes().splitlines(keepends=True)
+    records = [json.loads(line) for line in lines]
+    study_id = [r["study_name"] for r in records if r["op_code"] == 0].index(name)  # studies: numbered as created
+    creating = [i for i, r in enumerate(records) if r["op_code"] == 4 and r["study_id"] == study_id]  # its trials
+    lines[creating[1]] = lines[creating[1]][:10] + b"\n"
+    journal.write_bytes(b"".join(lines))
+    with pytest.raises(SystemExit) as refused:
+        studies.open_storage(str(journal))
+    (command,) = re.findall(r"\(e\.g\. ([^)]*)\)", str(refused.value))
+    subprocess.run(command, shell=True, check=True, cwd=tmp_path)
+
+    study = optuna.load_study(study_name=name, storage=studies.open_storage(str(journal)))
+    kept = [(t.number, t.state, t.params, t.value, t.user_attrs) for t in study.trials]
+    assert kept == [(t.number, t.state, t.params, t.value, t.user_attrs) for t in original.trials[: len(kept)]]
+    assert kept  # the trial before the damaged record is kept
+    value_of = {t.user_attrs["slot"]: t.value for t in original.trials}
+
+    def objective(trial: optuna.Trial) -> float:  # the original trial's value for the slot: no training needed
+        train.suggest(trial, train.QUICK_SEARCH_SPACE)
+        return value_of[trial.user_attrs["slot"]]
+
+    fold = (0, 1)
+    with mlflow.start_run():
+        studies.run_trials(study, objective, 3, lambda slot: train.sampler(train.DEFAULT_SEED, fold, slot))
+        assert studies.claim_refit(study) is not None  # this process refits the fold
+    assert TrialState.RUNNING not in [t.state for t in study.trials]
+    assert {slot: params for slot, (_, params, _) in by_slot(study).items()} == {
+        slot: params for slot, (_, params, _) in by_slot(original).items()
+    }
+
+
+def test_a_stop_while_waiting_for_a_slot_fails_the_asked_trial_without_starting_it(tmp_path, monkeypatch):
+    """A stop signal arrives just after this process asked for a trial, while it waits for another live process's
+    trial to choose its slot: the asked trial is told FAIL (not left RUNNING) and its training never starts."""
+    import socket
+
+    studies = load_step_module("step_4", "studies")
+    use_own_store(tmp_path, monkeypatch)
+    study = optuna.create_study(
+        study_name="s", storage=studies.open_storage(str(tmp_path / "optuna_studies.journal")), direction="maximize"
+    )
+    choosing = study.ask()  # another live worker's trial (this process's pid), which has not chosen its slot yet
+    choosing.set_user_attr("host", socket.gethostname())
+    choosing.set_user_attr("pid", str(os.getpid()))
+    real_ask, started = study.ask, []
+
+    def ask_then_signal() -> optuna.Trial:
+        trial = real_ask()
+        studies.runs.STOP_REQUESTED.set()  # what the SIGTERM handler does
+        return trial
+
+    def objective(trial: optuna.Trial) -> float:
+        started.append(trial.number)
+        studies.runs.check_stop()  # as the training loop does after its first batch
+        return 0.0
+
+    monkeypatch.setattr(study, "ask", ask_then_signal)
+    try:
+        with mlflow.start_run(), pytest.raises(studies.runs.StopRequested):
+            studies.run_trials(study, objective, 2, optuna.samplers.RandomSampler)
+    finally:
+        studies.runs.STOP_REQUESTED.clear()
+    assert started == []
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL]
+
+
+def test_a_stop_while_waiting_for_the_mlflow_store_lock_ends_the_command(tmp_path, monkeypatch):
+    """Another process holds the lock next to mlflow.db: a stop signal ends the wait with one sentence, and the
+    other process's lock stays."""
+    import re
+
+    runs = load_step_module("step_4", "runs")
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{tmp_path / 'mlflow.db'}")
+    lock = tmp_path / "mlflow.db.lock"
+    lock.touch()
+    runs.STOP_REQUESTED.set()
+    expected = f"Stopped by a signal while waiting for {re.escape(str(lock))}, .* nothing was started"
+    with pytest.raises(SystemExit, match=expected), runs.store_lock():
+        pass
+    assert lock.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The study and run keys, and a root run's record (tests/README.md lists the bugs these catch)
+def stub_fold(fold, splits, settings, space, args, device, key, study_name) -> None:
+    """run_fold without the search: a complete fold run keyed like the real one, naming the study it would use."""
+    tags = {"run_level": "fold", "root_split_id": str(fold[0]), "nested_split_id": str(fold[1]), "run_key": key,
+            "optuna_study": study_name, "fold_complete": "true"}  # fmt: skip
+    with mlflow.start_run(run_name=f"fold-{fold[0]}-{fold[1]}", nested=True, tags=tags):
+        pass
+
+
+def test_every_input_of_the_study_and_run_keys_makes_a_new_run(split_file, tmp_path, monkeypatch, capsys):
+    """The same command reopens its root run and skips the complete fold; a change to any input of the keys makes
+    a new root run: seed, threads, determinism, settings, search space, pruning, split file and code also a new
+    study; more trials a new root that extends the same study."""
+    train = load_step_module("step_4", "train")
+    monkeypatch.setattr(train, "run_fold", stub_fold)
+    data_dir, path = split_file
+    other_split = tmp_path / "other_splits.json"
+    run_script("step_4/make_dataset_splits.py", "--data-dir", str(data_dir), "--k-root", "3", "--k-nested", "3",
+               "--seed", "1", "--output", str(other_split), cwd=REPO)  # fmt: skip
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    fold = ["--root-split", "0", "--nested-split", "0"]
+    main_in_process(train, train_args(split_file, *fold, "--num-threads", "2"), cwd, monkeypatch)
+    client = client_in(cwd)
+
+    def roots_and_studies() -> tuple[int, set[str]]:
+        studies = {run.data.tags["optuna_study"] for run in runs_of(client, "tags.run_level = 'fold'")}
+        return len(runs_of(client, "tags.run_level = 'root'")), studies
+
+    capsys.readouterr()
+    main_in_process(train, train_args(split_file, *fold, "--num-threads", "2"), cwd, monkeypatch)
+    out = capsys.readouterr().out
+    assert "MLflow run reopened" in out and "fold 0/0 already complete: skipped" in out
+    assert roots_and_studies()[0] == 1
+    real = {name: getattr(train, name) for name in ("QUICK", "QUICK_SEARCH_SPACE", "code_digest")}
+    changes = {
+        "seed": ["--seed", "1"],
+        "threads": ["--num-threads", "1"],
+        "determinism": ["--no-deterministic"],
+        "pruning": ["--no-pruning"],
+        "split file": ["--split-file", str(other_split)],
+        "settings": ("QUICK", train.replace(real["QUICK"], batch_size=16)),
+        "search space": ("QUICK_SEARCH_SPACE", {**real["QUICK_SEARCH_SPACE"], "head_hidden": [32, 64]}),
+        "code": ("code_digest", lambda folder: "edited"),
+    }
+    for name, change in changes.items():
+        for attribute, value in real.items():
+            monkeypatch.setattr(train, attribute, value)
+        flags = change if isinstance(change, list) else []
+        if isinstance(change, tuple):
+            monkeypatch.setattr(train, *change)
+        roots, studies = roots_and_studies()
+        main_in_process(train, train_args(split_file, *fold, "--num-threads", "2", *flags), cwd, monkeypatch)
+        out = capsys.readouterr().out
+        assert "MLflow run started" in out and "already complete" not in out, name
+        new_roots, new_studies = roots_and_studies()
+        assert new_roots == roots + 1 and studies < new_studies and len(new_studies) == len(studies) + 1, name
+    for attribute, value in real.items():
+        monkeypatch.setattr(train, attribute, value)
+    roots, studies = roots_and_studies()
+    main_in_process(train, train_args(split_file, *fold, "--num-threads", "2", "--n-trials", "4"), cwd, monkeypatch)
+    assert "MLflow run started" in capsys.readouterr().out
+    assert roots_and_studies() == (roots + 1, studies)  # more trials: a new root, the same study extended
+
+
+def test_a_root_whose_record_was_not_written_is_never_reopened(split_file, tmp_path, monkeypatch):
+    """The first command fails while writing the root's record (an artifact store that cannot be written): the
+    next command, which finds the root claimed, does not wait for it: it starts a new root and writes its record."""
+    train = load_step_module("step_4", "train")
+    args = train_args(split_file, "--root-split", "0", "--nested-split", "0")
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "mlruns")
+
+    monkeypatch.setattr(train, "log_provenance", unwritable)
+    with pytest.raises(PermissionError):
+        main_in_process(train, args, tmp_path, monkeypatch)
+    monkeypatch.undo()
+    train = load_step_module("step_4", "train")
+    monkeypatch.setattr(train, "run_fold", stub_fold)
+    started = time.monotonic()
+    main_in_process(train, args, tmp_path, monkeypatch)
+    assert time.monotonic() - started < train.resume.ROOT_WAIT_SECONDS  # it did not wait for the failed root
+    client = client_in(tmp_path)
+    first, second = sorted(runs_of(client, "tags.run_level = 'root'"), key=lambda run: run.info.start_time)
+    assert first.info.status == "FAILED" and "root_record" not in first.data.tags
+    assert second.data.tags["root_record"] == "complete" and second.data.tags["run_complete"] == "true"
+    logged = {a.path for folder in ("splits", "provenance", "search")
+              for a in client.list_artifacts(second.info.run_id, folder)}  # fmt: skip
+    assert {"splits/dataset_splits.json", "search/search_setup.json",
+            "provenance/installed_distributions.txt"} <= logged  # fmt: skip

@@ -1,6 +1,8 @@
 """Step 5: the experiment in a config file. Hyper-parameters resolved per trial, --set overrides, every config
 error as one sentence before any work, the logged config, --from-run (an identical rerun and a detected
-difference), the reproducibility report, and step 5 with the default config choosing exactly what step 4 chose."""
+difference), the reproducibility report, step 5 with the default config choosing exactly what step 4 chose, a
+scrambled test split that reaches no decision, every input of a rerun's key, a root run whose record was never
+written, and records that cannot be rerun."""
 
 from __future__ import annotations
 
@@ -12,7 +14,15 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import REPO, client_in, load_step_module, main_in_process, run_script
+from conftest import (
+    REPO,
+    client_in,
+    load_step_module,
+    logged_predictions,
+    main_in_process,
+    run_script,
+    scramble_test_split,
+)
 
 SEARCHED = {"head_hidden", "dropout", "warmup_lr", "warmup_weight_decay", "finetune_lr", "finetune_weight_decay"}
 FOLD_METRICS = ("dev_roc_auc", "test_roc_auc", "threshold")
@@ -128,6 +138,10 @@ BAD_FILES = {
     "config = replace(c, data=replace(c.data, image_size='64'))\n",
     "no_config.py": "x = 1\n",
     "not_a_config.py": "config = {'data': {}}\n",
+    "exits.py": "raise SystemExit(0)\n",  # not an Exception: it used to end train.py silently, with status 0
+    "interrupted.py": "raise KeyboardInterrupt\n",
+    "small_images.py": "from dataclasses import replace\nfrom config import config as c\n"
+    "config = replace(c, data=replace(c.data, image_size=16))\n",
 }
 BAD_CONFIGS = [
     (["--config", "missing.py"], r"No config file at missing.py: give --config an existing file"),
@@ -152,6 +166,56 @@ BAD_CONFIGS = [
     (["--quick", "--set", "search.n_trials=0"], r"search.n_trials should be at least 1, not 0"),
     (["--quick", "--set", "batch_size=16"], r"--set batch_size=16: give SECTION.KEY=VALUE"),
     (["--quick", "--config", "x.py"], r"--quick means --config step_5/config_quick.py: give one of them"),
+    # right type, wrong value: each of these passed the old check and stopped the run later, or was meaningless
+    (["--config", "exits.py"], r"exits.py did not load: running it raised SystemExit\(0\)"),
+    (["--config", "interrupted.py"], r"interrupted.py did not load: running it raised KeyboardInterrupt\(\)"),
+    (["--config", "small_images.py"], r"small_images.py: data.image_size should be at least 64 \(.*BatchNorm.*\), "
+     r"not 16"),
+    (["--quick", "--set", "data.image_size=0"], r"data.image_size should be at least 64 .*, not 0"),
+    (["--quick", "--set", "data.max_images=0"], r"data.max_images should be at least 10 \(dev and test .*\), not 0"),
+    (["--quick", "--set", "data.max_images=9"], r"data.max_images should be at least 10 .*, not 9"),
+    (["--quick", "--set", "model.backbone=notamodel"], r"model.backbone should be one of resnet18, .*densenet121.* "
+     r"\(a torchvision model whose last layer is one nn.Linear.*\), not 'notamodel'"),
+    (["--quick", "--set", "model.backbone=vit_b_16"], r"model.backbone should be one of .*, not 'vit_b_16'"),
+    (["--quick", "--set", "model.backbone=Categorical(['resnet18', 'googlenet'])"], r"model.backbone choice should "
+     r"be one of .*, not 'googlenet'"),
+    (["--quick", "--set", "model.head_hidden=0"], r"model.head_hidden should be at least 1, not 0"),
+    (["--quick", "--set", "model.dropout=2.0"], r"model.dropout should be at least 0 and below 1, not 2.0"),
+    (["--quick", "--set", "model.dropout=Float(0.0, 1.0)"], r"model.dropout = Float\(...\) high should be at least 0 "
+     r"and below 1, not 1.0"),
+    (["--quick", "--set", "model.dropout=Categorical([0.1, 1.0])"], r"model.dropout choice should be .*, not 1.0"),
+    (["--quick", "--set", "training.batch_size=0"], r"config_quick.py with --set training.batch_size=0: "
+     r"training.batch_size should be at least 1, not 0"),
+    (["--quick", "--set", "training.batch_size=Int(1.5, 3)"], r"training.batch_size = Int\(...\) low should be an "
+     r"int, not 1.5"),
+    (["--quick", "--set", "training.warmup_epochs=0"], r"training.warmup_epochs should be at least 1 \(fine-tuning "
+     r"starts from the best state of the warm-up\), not 0"),
+    (["--quick", "--set", "training.finetune_epochs=-1"], r"training.finetune_epochs should be at least 0, not -1"),
+    (["--quick", "--set", "training.warmup_lr=-0.01"], r"training.warmup_lr should be above 0, not -0.01"),
+    (["--quick", "--set", "training.warmup_lr=Float(-0.1, 0.1)"], r"training.warmup_lr = Float\(...\) low should "
+     r"be above 0, not -0.1"),
+    (["--quick", "--set", "training.finetune_weight_decay=-1e-4"], r"training.finetune_weight_decay should be at "
+     r"least 0, not -0.0001"),
+    (["--quick", "--set", "training.patience=-1"], r"training.patience should be at least 1, not -1"),
+    (["--quick", "--set", "cv.n_nested_splits=0"], r"cv.n_nested_splits should be at least 1, not 0"),
+    (["--quick", "--set", "cv.root_split=-1"], r"cv.root_split should be at least 0, not -1"),
+    (["--quick", "--set", "search.n_trials=Int(1, 5)"], r"search.n_trials should be an int \(a hyper-parameter can "
+     r"only stand in the model or training section, where each trial draws it\), not Int\("),
+    (["--quick", "--set", "cv.n_root_splits=Int(1, 2)"], r"cv.n_root_splits should be an int or None \(a hyper-"
+     r"parameter can only stand in the model or training section"),
+    (["--quick", "--set", "data.data_dir=Categorical(['a'])"], r"data.data_dir should be a str \(a hyper-parameter "
+     r"can only stand in the model or training section"),
+    (["--quick", "--set", "search.sampler=GridSampler"], r"search.sampler should be a sampler that is built from a "
+     r"seed alone, e.g. TPESampler \(.*'search_space'\), not 'GridSampler'"),
+    (["--quick", "--set", "search.sampler=BaseSampler"], r"search.sampler should be a sampler that is built from a "
+     r"seed alone.*, not 'BaseSampler'"),
+    (["--quick", "--set", "search.sampler=PartialFixedSampler"], r"search.sampler should be .*, not "
+     r"'PartialFixedSampler'"),
+    # several --set: a bad value names its own; what only fails together names them all, checked after the last
+    (["--quick", "--set", "search.n_trials=2", "--set", "training.batch_size=0"], r"config_quick.py with --set "
+     r"training.batch_size=0: training.batch_size should be at least 1, not 0"),
+    (["--quick", "--set", "search.pruner=NopPruner", "--set", "search.n_trials=2"], r"config_quick.py with --set "
+     r"search.pruner=NopPruner --set search.n_trials=2: search.pruner_options do not suit NopPruner"),
 ]  # fmt: skip
 
 
@@ -344,3 +408,259 @@ def test_the_report_says_what_the_records_say(experiment):
     assert f"{states.count('PRUNED')} PRUNED" in report or "PRUNED" not in states
     person = report.split("## For a person to fill in")[1]
     assert person.count("- [ ] ") >= 5 and "[x]" not in person
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What each setting may be (settings.ALLOWED): what is refused is above; here, what must still be accepted
+def test_the_shipped_configs_load_and_the_edge_of_every_range_is_accepted(settings):
+    for name in ("config.py", "config_quick.py"):
+        settings.load_file(REPO / "step_5" / name)
+    edges = ["data.image_size=64", "data.max_images=10", "model.head_hidden=1", "model.dropout=0.0",
+             "training.batch_size=1", "training.warmup_epochs=1", "training.finetune_epochs=0",  # 0: warm-up only
+             "training.warmup_lr=1e-12", "training.warmup_weight_decay=0", "training.patience=1",
+             "cv.n_root_splits=1", "cv.n_nested_splits=None", "cv.root_split=0", "cv.nested_split=0",
+             "search.n_trials=1", "search.sampler=RandomSampler",
+             "search.pruner=NopPruner", "search.pruner_options={}",  # the README's --no-pruning, in reverse order
+             "model.backbone=Categorical(['resnet18', 'resnext50_32x4d', 'wide_resnet50_2', 'densenet121', "
+             "'regnet_y_400mf', 'shufflenet_v2_x0_5'])",
+             "model.dropout=Float(0.0, 0.99)", "training.finetune_lr=Float(1e-12, 1.0)",
+             "training.batch_size=Int(1, 64)",
+             "training.finetune_weight_decay=Categorical([0.0, 0.1])"]  # fmt: skip
+    config, _ = settings.load(REPO / "step_5/config_quick.py", edges)
+    assert (config.data.image_size, config.data.max_images, config.training.finetune_epochs) == (64, 10, 0)
+    assert config.search.pruner == "NopPruner" and config.search.pruner_options == {}
+    assert config.model.dropout == settings.Float(0.0, 0.99) and config.training.batch_size == settings.Int(1, 64)
+
+
+def test_every_number_setting_has_bounds(settings):
+    """A new int or float setting needs its line in ALLOWED, and every line of it names a setting."""
+    import typing
+    from dataclasses import fields
+
+    keys = {
+        f"{section.name}.{name}": hint
+        for section in fields(settings.Config)
+        for name, hint in settings.hints_of(settings.hints_of(settings.Config)[section.name]).items()
+    }
+    numbers = {key for key, hint in keys.items() if {int, float} & {hint, *typing.get_args(hint)}}
+    assert numbers <= set(settings.ALLOWED) <= set(keys)
+
+
+def test_the_smallest_max_images_gives_each_part_of_a_fold_both_classes(settings):
+    """max_images is shared by train.py's QUICK_SHARES and each part drawn stratified: at the bound every part has
+    a cat and a dog, one image fewer and the draw fails (so the bound follows QUICK_SHARES if they change)."""
+    import numpy as np
+
+    train = load_step_module("step_5", "train")
+    labels = (np.random.default_rng(0).random(400) < 0.32).astype(int)  # about as many cats as the pets have
+    fold = {"test": np.arange(60), "nested": [{"train": np.arange(60, 340), "dev": np.arange(340, 400)}]}
+    splits = {"labels": labels, "root_splits": [fold]}  # the shape fold_indices reads (splits.load_splits)
+    low = settings.ALLOWED["data.max_images"].low
+    parts = train.fold_indices(splits, 0, 0, low, seed=0)
+    assert all(set(labels[part]) == {0, 1} for part in parts.values())
+    with pytest.raises(ValueError, match="greater or equal to the number of classes"):
+        train.fold_indices(splits, 0, 0, low - 1, seed=0)
+
+
+def test_every_allowed_backbone_takes_the_new_head_and_64_px_is_enough(settings):
+    """build_model adapts every name in BACKBONES (built on the meta device: the structure without the memory or
+    weights); a training batch of one 64 px image goes through, a smaller one does not."""
+    import torch
+    import torchvision
+
+    train = load_step_module("step_5", "train")
+    assert {"resnet18", "densenet121", "regnet_y_400mf", "shufflenet_v2_x1_0"} <= set(settings.BACKBONES)
+    assert not {"googlenet", "inception_v3", "vit_b_16", "efficientnet_b0"} & set(settings.BACKBONES)
+
+    def model_of(name: str) -> object:
+        return train.build_model(settings.Model(backbone=name, pretrained=False, head_hidden=4, dropout=0.0))
+
+    for name in settings.BACKBONES:
+        assert torchvision.models.get_model_weights(name).DEFAULT is not None  # pretrained=True has weights
+        if name.startswith("regnet_"):  # RegNet computes its widths with tensors, which the meta device lacks
+            assert torchvision.models.get_model_builder(name).__module__ == "torchvision.models.regnet"
+            continue
+        with torch.device("meta"):
+            assert model_of(name).head[0].in_features > 0, name
+    # BatchNorm refuses a one-image training batch in the forward pass when the last feature map is one pixel;
+    # DenseNet, whose map shrinks fastest, needs the most (61 px measured), ResNet-style families 33 px
+    size = settings.ALLOWED["data.image_size"].low
+    with torch.no_grad():
+        for name in ("resnet18", "densenet121"):
+            assert model_of(name).train()(torch.zeros(1, 3, size, size)).shape == (1,)
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # 48 px: too small
+            model_of("densenet121").train()(torch.zeros(1, 3, 48, 48))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a rerun is keyed by, and a root run's record (tests/README.md lists the bugs these catch)
+def stub_fold(fold, splits, config, args, device, key, study_name) -> None:
+    """run_fold without the training: a complete fold run with fixed metrics, keyed like the real one."""
+    tags = {"run_level": "fold", "root_split_id": str(fold[0]), "nested_split_id": str(fold[1]), "run_key": key,
+            "optuna_study": study_name}  # fmt: skip
+    with mlflow.start_run(run_name=f"fold-{fold[0]}-{fold[1]}", nested=True, tags=tags):
+        mlflow.log_params(dict.fromkeys(SEARCHED, 1))
+        mlflow.log_metrics({"dev_roc_auc": 0.8, "test_roc_auc": 0.7, "threshold": 0.5})
+        mlflow.set_tag("fold_complete", "true")
+
+
+def test_a_rerun_is_new_whenever_code_packages_hardware_threads_seed_or_config_change(
+    split_file, tmp_path, monkeypatch, capsys
+):
+    """The key of a --from-run rerun holds the original run, the config, the seed, the thread count, the code and
+    the environment (packages, hardware): the same inputs say "already reproduced" and rerun nothing; a change to
+    any one of them makes a new rerun. (The split file comes from the original's record: it cannot change.)"""
+    train = load_step_module("step_5", "train")
+    monkeypatch.setattr(train, "run_fold", stub_fold)
+    one_fold = ["--set", "cv.root_split=0", "--set", "cv.nested_split=0"]
+    main_in_process(train, train_args(split_file, *one_fold, "--num-threads", "2"), tmp_path, monkeypatch)
+    client = client_in(tmp_path)
+    (original,) = runs_of(client, "tags.run_level = 'root'")
+    rerun = ["--from-run", original.info.run_id, *one_fold]
+
+    def reruns() -> int:
+        return len(runs_of(client, f"tags.reproduces = '{original.info.run_id}'"))
+
+    main_in_process(train, rerun, tmp_path, monkeypatch)
+    assert reruns() == 1 and "Overall: IDENTICAL" in capsys.readouterr().out
+    main_in_process(train, rerun, tmp_path, monkeypatch)  # the same inputs: nothing rerun
+    out = capsys.readouterr().out
+    assert reruns() == 1 and "Already reproduced by run " in out and "verdict IDENTICAL" in out
+    real_code_digest, real_environment = train.code_digest, train.reproduce.environment
+    changes = {
+        "seed": (["--seed", "1"], None),
+        "threads": (["--num-threads", "1"], None),
+        "config": (["--set", "training.batch_size=16"], None),
+        "code": ([], lambda: monkeypatch.setattr(train, "code_digest", lambda folder: "edited")),
+        "packages": ([], lambda: monkeypatch.setattr(
+            train.reproduce, "environment", lambda device: {**real_environment(device), "torch": "9.9"})),
+    }  # fmt: skip
+    for count, (name, (flags, change)) in enumerate(changes.items(), start=2):
+        monkeypatch.setattr(train, "code_digest", real_code_digest)
+        monkeypatch.setattr(train.reproduce, "environment", real_environment)
+        if change:
+            change()
+        main_in_process(train, [*rerun, *flags], tmp_path, monkeypatch)
+        out = capsys.readouterr().out
+        assert reruns() == count and "Already reproduced" not in out and "already complete" not in out, name
+
+
+def test_the_same_rerun_again_says_it_was_reproduced_and_trains_nothing(experiment):
+    """The same --from-run twice (the first is test_from_run_reruns_a_fold_bit_for_bit's, or made here): the second
+    names the earlier rerun and its verdict and trains nothing. (A change of code, packages, hardware, threads,
+    seed or config makes a new rerun: the test above.)"""
+    root_id = experiment["root"].info.run_id
+    args = ["--from-run", root_id, "--set", "cv.root_split=0", "--set", "cv.nested_split=0"]
+    if not runs_of(experiment["client"], f"tags.reproduces = '{root_id}' AND tags.config_overrides = "
+                   "'cv.root_split=0 cv.nested_split=0'"):  # fmt: skip
+        run_script("step_5/train.py", *args, cwd=experiment["cwd"])
+    again = run_script("step_5/train.py", *args, cwd=experiment["cwd"])
+    assert "Already reproduced by run " in again.stdout and "verdict IDENTICAL" in again.stdout
+    assert "trial " not in again.stdout and "MLflow run" not in again.stdout  # nothing trained, no run opened
+
+
+def test_a_root_whose_record_was_not_written_is_never_reopened(split_file, tmp_path, monkeypatch):
+    """The first command fails while writing the root's record (an artifact store that cannot be written): the
+    next command starts a new root run and writes its whole record, instead of reopening the one without it."""
+    train = load_step_module("step_5", "train")
+    args = train_args(split_file, "--set", "cv.root_split=0", "--set", "cv.nested_split=0")
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "mlruns")
+
+    monkeypatch.setattr(train, "log_provenance", unwritable)
+    with pytest.raises(PermissionError):
+        main_in_process(train, args, tmp_path, monkeypatch)
+    monkeypatch.undo()
+    train = load_step_module("step_5", "train")
+    monkeypatch.setattr(train, "run_fold", stub_fold)
+    main_in_process(train, args, tmp_path, monkeypatch)
+    client = client_in(tmp_path)
+    first, second = sorted(runs_of(client, "tags.run_level = 'root'"), key=lambda run: run.info.start_time)
+    assert first.info.status == "FAILED" and "root_record" not in first.data.tags
+    assert second.data.tags["root_record"] == "complete" and second.data.tags["run_complete"] == "true"
+    logged = {a.path for folder in ("config", "splits", "provenance", "search")
+              for a in client.list_artifacts(second.info.run_id, folder)}  # fmt: skip
+    assert {"config/resolved_config.json", "splits/dataset_splits.json", "search/search_setup.json",
+            "provenance/installed_distributions.txt"} <= logged  # fmt: skip
+
+
+def fake_root(client, experiment_id: str, original, status: str, config: str, splits: str | None, **tags) -> str:
+    """A root run of step 5 copied from the original's record, with its status, tags and artifacts as given."""
+    tags = {k: v for k, v in {**original.data.tags, "run_key": "x", **tags}.items() if v is not None}
+    run = client.create_run(experiment_id, tags=tags)
+    for name, value in original.data.params.items():
+        client.log_param(run.info.run_id, name, value)
+    if config is not None:
+        client.log_text(run.info.run_id, config, "config/resolved_config.json")
+    if splits is not None:
+        client.log_text(run.info.run_id, splits, "splits/README.txt")
+    if status != "RUNNING":
+        client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.mark.parametrize("damage", ["killed", "failed", "running", "torn config", "no split file", "empty id"])
+def test_from_run_refuses_an_incomplete_or_damaged_record_in_one_sentence(experiment, damage, tmp_path, monkeypatch):
+    train = load_step_module("step_5", "train")
+    original = experiment["root"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("step_5")
+    config = artifact(original, "config/resolved_config.json")
+    if damage in ("killed", "failed", "running"):
+        run_id = fake_root(client, experiment_id, original, damage.upper(), config, None, run_complete=None)
+        expected = f"this root run is {damage.upper()} and not complete"
+    elif damage == "torn config":
+        run_id = fake_root(client, experiment_id, original, "FINISHED", config[: len(config) // 2], "x")
+        expected = "its config/resolved_config.json is not readable JSON"
+    elif damage == "no split file":
+        run_id = fake_root(client, experiment_id, original, "FINISHED", config, "not a split file")
+        expected = "its splits/ artifact folder holds 0 JSON files"
+    else:
+        run_id, expected = "", "--from-run was given an empty run id"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    before = len(client.search_runs([experiment_id]))
+    with pytest.raises(SystemExit) as stopped:
+        main_in_process(train, ["--from-run", run_id], tmp_path, monkeypatch)
+    message = str(stopped.value.code)
+    assert expected in message and "\n" not in message and message.endswith("."), message
+    assert len(client.search_runs([experiment_id])) == before  # nothing started
+
+
+def test_the_test_split_reaches_no_decision(experiment, split_file, tmp_path, monkeypatch):
+    """Every test label of outer fold 0 flipped and every test image replaced by noise: fold 0/0's search makes
+    the same choice, the refit stops at the same epoch with the same dev predictions and threshold, and only the
+    test results change (proof that the scrambled test split was used where it belongs)."""
+    train = load_step_module("step_5", "train")
+    scramble_test_split(train, 0, tmp_path, monkeypatch)
+    args = train_args(split_file, "--set", "cv.root_split=0", "--set", "cv.nested_split=0")
+    main_in_process(train, args, tmp_path, monkeypatch)
+    client = client_in(tmp_path)
+    (root,) = runs_of(client, "tags.run_level = 'root'")
+    (scrambled,) = fold_runs(client, root.info.run_id).values()
+    original = fold_runs(experiment["client"], experiment["root"].info.run_id)[(0, 0)]
+    assert {k: scrambled.data.params[k] for k in SEARCHED} == {k: original.data.params[k] for k in SEARCHED}
+    trial_values = [
+        {run.data.tags["trial_number"]: (run.data.tags["trial_state"], run.data.metrics.get("dev_roc_auc"))
+         for run in runs_of(c, f"tags.mlflow.parentRunId = '{fold.info.run_id}' AND tags.run_level = 'trial'")}
+        for c, fold in ((client, scrambled), (experiment["client"], original))
+    ]  # fmt: skip
+    assert trial_values[0] == trial_values[1]  # every trial, pruned or complete, with the same dev ROC AUC
+    for metric in ("dev_roc_auc", "threshold"):
+        assert scrambled.data.metrics[metric] == original.data.metrics[metric], metric
+    new = client.get_run(scrambled.data.tags["refit_run_id"])
+    old = experiment["client"].get_run(original.data.tags["refit_run_id"])
+    kept = ("best_phase", "best_epoch")  # early stopping kept the same epoch
+    assert [new.data.tags[t] for t in kept] == [old.data.tags[t] for t in kept]
+    predictions = logged_predictions(client, new.info.run_id, tmp_path / "new")
+    before = logged_predictions(experiment["client"], old.info.run_id, tmp_path / "old")
+    assert predictions["dev"] == before["dev"] and predictions["test"] != before["test"]
+    assert scrambled.data.metrics["test_roc_auc"] != original.data.metrics["test_roc_auc"]
+
+
+def test_help_says_that_a_config_file_is_code(capsys):
+    train = load_step_module("step_5", "train")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    assert "Python that runs as code (run only files you trust)" in " ".join(capsys.readouterr().out.split())

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from urllib.parse import unquote
 
 import mlflow
 from mlflow.entities import Metric
@@ -88,7 +89,7 @@ def store_lock(timeout: float = 60.0) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield  # a tracking server handles concurrent clients itself
         return
-    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock = Path(unquote(uri.removeprefix("sqlite:///")) + ".lock")  # MLflow percent-encodes a space, a "+"
     while True:
         try:
             os.close(os.open(lock, os.O_CREAT | os.O_EXCL))  # atomic: exactly one process creates the file

@@ -566,9 +566,10 @@ def main(argv: list[str] | None = None) -> None:
     labels_by_file = {p.relative_to(folder).as_posix(): int(y) for p, y in zip(paths, labels, strict=True)}
     splits = load_splits(split_file, folder, labels_by_file)  # stops with one sentence on a leaking or stale file
     folds = choose_folds(splits, args)
-    # What decides the results: the split file, seed, determinism, settings, thread count and the code itself
+    # What decides the results: the split file, seed, determinism, settings, device, thread count and the code
     code = code_digest(Path(__file__).resolve().parent)
-    key = resume.run_key(splits["digest"], args.seed, args.deterministic, asdict(settings), args.num_threads, code)
+    machine = (str(device), args.num_threads)  # another device or thread count adds floats in another order
+    key = resume.run_key(splits["digest"], args.seed, args.deterministic, asdict(settings), machine, code)
     print(f"{len(folds)} fold(s) of {split_file} | {settings.backbone} at {settings.image_size} px on {device}")
 
     experiment_id = runs.use_experiment(EXPERIMENT)

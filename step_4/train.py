@@ -736,10 +736,11 @@ def main(argv: list[str] | None = None) -> None:
     folds = choose_folds(splits, args)
     space = QUICK_SEARCH_SPACE if args.quick else SEARCH_SPACE
     pruning = PRUNING if args.pruning else None
-    # What decides the results: the split file, seed, determinism, settings, search, thread count and the code
+    # What decides the results: the split file, seed, determinism, settings, search, device, threads and the code
     code = code_digest(Path(__file__).resolve().parent)
+    machine = (str(device), args.num_threads)  # another device or thread count adds floats in another order
     search_key = resume.run_key(
-        splits["digest"], args.seed, args.deterministic, asdict(settings), space, pruning, args.num_threads, code
+        splits["digest"], args.seed, args.deterministic, asdict(settings), space, pruning, machine, code
     )
     key = resume.run_key(search_key, args.n_trials)  # more trials later: a new root run that extends the same studies
     print(

@@ -722,8 +722,9 @@ def main(argv: list[str] | None = None) -> None:
     # A rerun is also keyed by what its verdict depends on: the packages, the hardware and the thread count
     rerun_of = None if original is None else (args.from_run, reproduce.environment(device))
     code = code_digest(Path(__file__).resolve().parent)
+    machine = (str(device), args.num_threads)  # another device or thread count adds floats in another order
     search_key = resume.run_key(
-        splits["digest"], args.seed, args.deterministic, to_json(recipe), args.num_threads, code, rerun_of
+        splits["digest"], args.seed, args.deterministic, to_json(recipe), machine, code, rerun_of
     )
     key = resume.run_key(search_key, config.search.n_trials)  # more trials later: a new root run, the same studies
     print(

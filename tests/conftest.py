@@ -103,7 +103,7 @@ def logged_predictions(client: mlflow.MlflowClient, run_id: str, folder: Path) -
 
 
 def scramble_test_split(train: object, root: int, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The leak guard of steps 4 and 5: in `train` (a step's train module), every test label of outer fold `root`
+    """The leak guard of steps 3 to 5: in `train` (a step's train module), every test label of outer fold `root`
     is flipped and every test image read as one noise image (written in folder). A decision that reads nothing of
     the test split (trials, pruning, the best trial, the refit's early stopping, the threshold) stays bit for bit
     the same; only the test metrics move."""

@@ -1,8 +1,11 @@
-"""Step 2: every run recorded in MLflow with its provenance, bit-for-bit reruns, clean stops, tracking server."""
+"""Step 2: every run recorded in MLflow with its provenance, bit-for-bit reruns, clean stops, tracking server; a
+scrambled test split that reaches no decision, and a data digest that covers every byte (tests/README.md lists the
+planted bugs these tests catch)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -17,7 +20,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import MKL_REPRODUCIBLE, REPO, load_step_module, mlflow_server, run_script
+from conftest import (
+    MKL_REPRODUCIBLE,
+    REPO,
+    load_step_module,
+    logged_predictions,
+    main_in_process,
+    mlflow_server,
+    run_script,
+)
 
 N_SMALL = 240
 provenance = load_step_module("step_2", "provenance")
@@ -57,18 +68,23 @@ def run_outputs(client: mlflow.MlflowClient, run_id: str) -> dict:
 AS_A_USER_SHELL = dict.fromkeys(MKL_REPRODUCIBLE)  # without the MKL settings the tests set: train.py must set them
 
 
+# The fixture's runs: (seed, workers, threads). Seed 0 with 0 workers, with 2 workers, with 1 thread; seed 1 with 2
+# workers and 1 thread (no value at its default).
+RUNS = {"a": ("0", "0", "2"), "b": ("0", "2", "2"), "d": ("0", "0", "1"), "c": ("1", "2", "1")}
+
+
+def quick_args(data_dir: Path, seed: str, workers: str, threads: str) -> list[str]:
+    """The quick step-2 command line of one of the fixture's runs."""
+    return ["--quick", "--data-dir", str(data_dir), "--seed", seed, "--num-workers", workers, "--num-threads", threads]
+
+
 @pytest.fixture(scope="module")
 def runs(make_standin, tmp_path_factory) -> dict:
-    """Four quick runs in one store: seed 0 with 0 workers, with 2 workers, with 1 thread; seed 1 with 2 workers and
-    1 thread (no value at its default); then analyze."""
+    """The four quick runs of RUNS, in this order, in one store; then analyze."""
     data_dir, cwd = make_standin(N_SMALL), tmp_path_factory.mktemp("step2")
     ids = {}
-    for name, seed, workers, threads in (("a", "0", "0", "2"), ("b", "0", "2", "2"), ("d", "0", "0", "1"),
-                                         ("c", "1", "2", "1")):  # fmt: skip
-        proc = run_script(
-            "step_2/train.py", "--quick", "--data-dir", str(data_dir), "--seed", seed, "--num-workers", workers,
-            "--num-threads", threads, cwd=cwd, env=AS_A_USER_SHELL,
-        )  # fmt: skip
+    for name, flags in RUNS.items():
+        proc = run_script("step_2/train.py", *quick_args(data_dir, *flags), cwd=cwd, env=AS_A_USER_SHELL)
         ids[name] = root_run_id(proc.stdout)
         ids[f"{name}_stdout"] = proc.stdout
     analyzed = run_script("step_2/analyze_predictions.py", "--run-id", ids["a"], cwd=cwd)
@@ -193,6 +209,86 @@ def test_image_lists_are_what_the_loaders_read(runs):
     tags = client.get_run(run_id).data.tags
     for part, files in lists.items():
         assert tags[f"images_digest.{part}"] == hashlib.sha256("\n".join(files).encode()).hexdigest()
+
+
+def dev_auc_by_epoch(client: mlflow.MlflowClient, root: mlflow.entities.Run) -> dict[str, list[tuple[int, float]]]:
+    """Each phase run's dev ROC AUC after each epoch: what early stopping decided on."""
+    children = client.search_runs([root.info.experiment_id], f"tags.mlflow.parentRunId = '{root.info.run_id}'")
+    metric = "dev_roc_auc"
+    return {
+        child.data.tags["phase"]: [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, metric)]
+        for child in children
+    }
+
+
+def test_no_decision_reads_the_test_split(runs, make_standin, tmp_path, monkeypatch, capsys):
+    """The leak guard of step 2: run a again, in this process, on a copy of the data in which every test image is
+    overwritten by a training image, with every test label flipped after the split (flipping them before would
+    change the stratified split itself). Every decision the step makes must come out bit for bit the same: the
+    images of each part, early stopping (each epoch's dev ROC AUC, the phase and epoch kept), the dev predictions
+    and the threshold fitted on them; so must any statistic of the images (the normalisation), wherever it is
+    computed. Only the test results change: proof that the scrambled test split was used where it belongs."""
+    client, original = runs["client"], runs["ids"]["a"]
+    lists = json.loads(Path(client.download_artifacts(original, "data/images.json", str(tmp_path / "a"))).read_text())
+    data_dir = Path(shutil.copytree(make_standin(N_SMALL), tmp_path / "oxfordiii"))
+    for i, name in enumerate(lists["test"]):
+        shutil.copyfile(data_dir / "oxford-iiit-pet" / lists["train"][i], data_dir / "oxford-iiit-pet" / name)
+    train = load_step_module("step_2", "train")
+    real_train_and_evaluate = train.train_and_evaluate
+
+    def flipped_test_labels(paths, labels, split, *args) -> dict:
+        labels = labels.copy()
+        labels[split["test"]] = 1 - labels[split["test"]]
+        return real_train_and_evaluate(paths, labels, split, *args)
+
+    monkeypatch.setattr(train, "train_and_evaluate", flipped_test_labels)
+    (cwd := tmp_path / "scrambled").mkdir()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        main_in_process(train, quick_args(data_dir, *RUNS["a"]), cwd, monkeypatch)  # run a's command, bit for bit
+    finally:  # main set them for this whole process
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    scrambled = client_for(cwd)
+    new, old = scrambled.get_run(root_run_id(capsys.readouterr().out)), client.get_run(original)
+    path = scrambled.download_artifacts(new.info.run_id, "data/images.json", str(tmp_path / "new"))
+    assert json.loads(Path(path).read_text()) == lists  # the same split, the same images read by each part
+    for metric in ("dev_roc_auc", "threshold"):
+        assert new.data.metrics[metric] == old.data.metrics[metric], metric
+    kept = ("best_phase", "best_epoch")
+    assert {t: new.data.tags[t] for t in kept} == {t: old.data.tags[t] for t in kept}
+    assert dev_auc_by_epoch(scrambled, new) == dev_auc_by_epoch(client, old)  # early stopping saw the same
+    predictions = logged_predictions(scrambled, new.info.run_id, tmp_path / "new")
+    before = logged_predictions(client, original, tmp_path / "old")
+    assert predictions["dev"] == before["dev"]
+    tables = [pd.read_csv(io.BytesIO(p["test"])) for p in (predictions, before)]
+    assert (tables[0]["label"] == 1 - tables[1]["label"]).all()  # the flipped labels reached the test ...
+    assert not np.array_equal(tables[0]["score"], tables[1]["score"])  # ... and so did the replaced images
+    assert new.data.metrics["test_roc_auc"] != old.data.metrics["test_roc_auc"]
+
+
+def test_dataset_digest_covers_every_byte_of_images_and_annotations(make_standin, tmp_path):
+    """provenance.dataset_digest, the tag that says which data a run trained on: one byte changed in one image
+    (the same file names) or in an annotation file gives another digest; the same files in another folder, the
+    same digest."""
+    source = make_standin(N_SMALL) / "oxford-iiit-pet"
+    folder = tmp_path / "a" / "oxford-iiit-pet"
+    shutil.copytree(source / "annotations", folder / "annotations")
+    (folder / "images").mkdir()
+    for image in sorted((source / "images").glob("*.jpg"))[:3]:
+        shutil.copyfile(image, folder / "images" / image.name)
+    images = sorted((folder / "images").glob("*.jpg"))
+    digest = provenance.dataset_digest(folder, images)
+    moved = Path(shutil.copytree(folder, tmp_path / "b" / "oxford-iiit-pet"))
+    assert provenance.dataset_digest(moved, sorted((moved / "images").glob("*.jpg"))) == digest
+    for changed in (images[1], folder / "annotations" / "list.txt"):
+        original = changed.read_bytes()
+        damaged = bytearray(original)
+        damaged[len(damaged) // 2] ^= 0x01  # one bit of one byte in the middle of the file
+        changed.write_bytes(bytes(damaged))
+        assert provenance.dataset_digest(folder, images) != digest, changed.name
+        changed.write_bytes(original)
+    assert provenance.dataset_digest(folder, images) == digest
 
 
 def test_logged_model_loads_without_our_code_and_analyze_rechecks_it(runs, tmp_path):
@@ -347,3 +443,22 @@ def test_logs_to_a_real_tracking_server(make_standin, tmp_path):
         link = f"{uri}/#/experiments/{root.info.experiment_id}/runs/{root.info.run_id}?workflowType=machine_learning"
         assert f"View it: {link}\n" in proc.stdout  # the server serves the UI: no `mlflow ui` to start
         assert np.isfinite(root.data.metrics["test_roc_auc"])
+
+
+def test_the_store_lock_works_in_a_folder_with_a_space_or_a_plus(tmp_path, monkeypatch):
+    """Colab's Drive is /content/drive/My Drive: MLflow percent-encodes such a path in the store's URI, and the
+    lock beside the store must be made in the folder itself, not in one named with %20."""
+    runs = load_step_module("step_2", "runs")
+    folder = tmp_path / "My Drive+1"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    mlflow.set_tracking_uri(None)
+    try:
+        assert "%20" in mlflow.get_tracking_uri()
+        runs.use_experiment("step_2")
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    assert (folder / "mlflow.db").is_file() and not list(tmp_path.rglob("*.lock"))  # taken and released

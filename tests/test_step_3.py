@@ -1,8 +1,12 @@
 """Step 3: the split file (made, written atomically, validated on load), the folds as MLflow runs, one fold
-alone, kill-and-resume, the dead-pid sweep, and the statistics across folds."""
+alone, kill-and-resume, the dead-pid sweep, and the statistics across folds; a scrambled test split that reaches
+no decision, --quick's caps, the frozen backbone, every input of the run key, and a root run whose record was never
+written (tests/README.md lists the planted bugs these tests catch)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -14,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,12 +26,23 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, client_in, command_from_record, load_step_module, logged_predictions, run_script
+import torch
+from conftest import (
+    REPO,
+    client_in,
+    command_from_record,
+    load_step_module,
+    logged_predictions,
+    main_in_process,
+    run_script,
+    scramble_test_split,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlflow.entities import Metric, Param
 from scipy import stats
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader, TensorDataset
 
 N_SMALL = 240
 
@@ -256,6 +272,250 @@ def test_missing_split_file_says_how_to_make_it(make_standin, tmp_path):
     args = ["--quick", "--data-dir", str(make_standin(N_SMALL)), "--split-file", str(tmp_path / "none.json")]
     proc = run_script("step_3/train.py", *args, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "make_dataset_splits.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@contextlib.contextmanager
+def torch_settings_kept() -> Iterator[None]:
+    """main() sets torch's thread count and deterministic mode for the whole process: put them back after it."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Leak guards: no decision of a fold reads its test split (tests/README.md lists the bugs these catch)
+def dev_auc_by_epoch(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> dict[str, list[tuple[int, float]]]:
+    """Each phase run's dev ROC AUC after each epoch: what early stopping decided on."""
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    metric = "dev_roc_auc"
+    return {
+        child.data.tags["phase"]: [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, metric)]
+        for child in children
+    }
+
+
+def test_no_decision_of_a_fold_reads_its_test_split(cv, split_file, tmp_path, monkeypatch):
+    """The leak guard of step 3 (conftest.scramble_test_split, as in steps 4 and 5): fold 0/0 of the cv fixture
+    again, in this process, with every test label of outer fold 0 flipped (after the split file was loaded and
+    checked) and every test image read as noise. Every decision must come out bit for bit the same: the images of
+    each part, early stopping (each epoch's dev ROC AUC, the phase and epoch kept), the dev predictions and the
+    threshold fitted on them; so must any statistic of the images read after the split file is loaded (the
+    normalisation). Only the test results change: proof that the scrambled test split was used where it belongs."""
+    train = load_step_module("step_3", "train")
+    scramble_test_split(train, 0, tmp_path, monkeypatch)
+    fold = ["--root-split", "0", "--nested-split", "0"]  # as the cv fixture ran it, in its first command
+    with torch_settings_kept():
+        main_in_process(train, train_args(split_file, *fold), tmp_path, monkeypatch)
+    client = client_in(tmp_path)
+    (new,) = fold_runs(client)[(0, 0)]
+    (old,) = fold_runs(cv["client"])[(0, 0)]
+    assert images_read(client, new, tmp_path) == images_read(cv["client"], old, tmp_path)
+    assert new.data.params == old.data.params  # seed, threads, workers and the size of each part
+    for metric in ("dev_roc_auc", "threshold"):
+        assert new.data.metrics[metric] == old.data.metrics[metric], metric
+    kept = ("best_phase", "best_epoch")
+    assert {t: new.data.tags[t] for t in kept} == {t: old.data.tags[t] for t in kept}
+    assert dev_auc_by_epoch(client, new) == dev_auc_by_epoch(cv["client"], old)  # early stopping saw the same
+    predictions = logged_predictions(client, new.info.run_id, tmp_path)
+    before = logged_predictions(cv["client"], old.info.run_id, tmp_path)
+    assert predictions["dev"] == before["dev"]
+    tables = [pd.read_csv(io.BytesIO(p["test"])) for p in (predictions, before)]
+    assert (tables[0]["label"] == 1 - tables[1]["label"]).all()  # the flipped labels reached the test ...
+    assert not np.array_equal(tables[0]["score"], tables[1]["score"])  # ... and so did the noise
+    assert new.data.metrics["test_roc_auc"] != old.data.metrics["test_roc_auc"]
+
+
+def test_quick_caps_of_train_and_dev_read_no_test_label(step3):
+    """--quick's caps subsample each part of a fold on that part's own labels (fold_indices), at a size where every
+    cap bites: with the test labels shuffled, exactly the same train and dev images are kept; only the test
+    subsample, stratified on the test labels, changes."""
+    rng, cap = np.random.default_rng(0), step3.train.QUICK.max_images
+    labels, order = rng.integers(0, 2, 2000), rng.permutation(2000)
+    test, train, dev = np.sort(order[:500]), np.sort(order[500:1600]), np.sort(order[1600:])
+    splits = {"labels": labels, "root_splits": {0: {"test": test, "nested": {0: {"train": train, "dev": dev}}}}}
+    shuffled = labels.copy()
+    shuffled[test] = rng.permutation(labels[test])
+    before = step3.train.fold_indices(splits, 0, 0, cap, 0)
+    after = step3.train.fold_indices({**splits, "labels": shuffled}, 0, 0, cap, 0)
+    for part in ("train", "dev"):
+        assert np.array_equal(after[part], before[part]), f"the {part} subsample depends on the test labels"
+    assert not np.array_equal(after["test"], before["test"])
+    caps = {part: round(cap * share) for part, share in step3.train.QUICK_SHARES.items()}
+    assert {part: len(before[part]) for part in caps} == caps  # every cap bit
+
+
+def tiny_loader(seed: int) -> DataLoader:
+    """16 random 32 px images far from BatchNorm's statistics, alternating labels, as the training code reads them."""
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+    dataset = TensorDataset(images, torch.arange(16.0) % 2)
+    dataset.labels, dataset.epoch = np.arange(16) % 2, 0
+    return DataLoader(dataset, batch_size=8)
+
+
+def test_the_warm_up_moves_the_head_and_nothing_of_the_frozen_backbone(step3, tmp_path, monkeypatch):
+    """One warm-up epoch through fit: the head learns, and not one weight or BatchNorm running statistic of the
+    frozen backbone moves (a backbone left in train mode updates its running statistics on every batch: an epoch
+    with freeze_backbone off, on the same images, shows that they do move them)."""
+    train = step3.train
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    settings = dataclasses.replace(train.QUICK, warmup_epochs=1, finetune_epochs=0)
+    torch.manual_seed(0)
+    model = train.build_model(settings)
+    loaders = {"warmup": tiny_loader(0), "dev": tiny_loader(1)}
+    loaders["train"] = loaders["warmup"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    best = train.fit(model, loaders, settings, torch.device("cpu"))
+    assert best["phase"] == "warmup" and mlflow.active_run() is None  # the phase runs were closed
+    moved = [k for k in before if k.startswith("backbone.") and not torch.equal(before[k], best["state"][k])]
+    assert not moved, f"the warm-up moved the frozen backbone: {moved[:3]}"
+    assert not torch.equal(before["head.0.weight"], best["state"]["head.0.weight"])
+    optimizer = torch.optim.AdamW(model.head.parameters())
+    with mlflow.start_run():
+        train.train_one_epoch(model, loaders["warmup"], optimizer, torch.device("cpu"), freeze_backbone=False, epoch=1)
+    assert not torch.equal(before["backbone.bn1.running_mean"], model.state_dict()["backbone.bn1.running_mean"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run key: whether a root run is reopened and its complete folds skipped (tests/README.md lists the bugs)
+def instant_training(calls: list) -> Callable[..., dict]:
+    """train_and_evaluate without the training: fixed results, logged on the fold run as the real one logs them."""
+
+    def train_and_evaluate(paths, labels, split, settings, args, device) -> dict:
+        calls.append(split)
+        results = {"dev_roc_auc": 0.75, "test_roc_auc": 0.7, "threshold": 0.5, "best_phase": "warmup", "best_epoch": 1}
+        mlflow.log_metrics({key: results[key] for key in ("dev_roc_auc", "test_roc_auc", "threshold")})
+        return results
+
+    return train_and_evaluate
+
+
+def key_command(standin_split: dict, *changes: str) -> list[str]:
+    """Quick fold 0/0 of the 120-image stand-in, every flag of the run key given; `changes` override (argparse
+    keeps the last value of a flag)."""
+    return [
+        "--quick", "--data-dir", str(standin_split["folder"].parent), "--split-file", str(standin_split["path"]),
+        "--seed", "0", "--num-threads", "2", "--deterministic", "--num-workers", "0",
+        "--root-split", "0", "--nested-split", "0", *changes,
+    ]  # fmt: skip
+
+
+def root_runs(client: mlflow.MlflowClient) -> list[mlflow.entities.Run]:
+    """The root runs of experiment step_3, oldest first."""
+    experiment = client.get_experiment_by_name("step_3")
+    return client.search_runs(
+        [experiment.experiment_id], "tags.run_level = 'root'", order_by=["attributes.start_time ASC"]
+    )
+
+
+@pytest.fixture(scope="module")
+def keyed_store(step3, standin_split, tmp_path_factory) -> dict:
+    """A store in which key_command completed fold 0/0 (with instant training): where the key tests start."""
+    cwd = tmp_path_factory.mktemp("keyed")
+    with pytest.MonkeyPatch.context() as patch, torch_settings_kept():
+        patch.setattr(step3.train, "train_and_evaluate", instant_training([]))
+        main_in_process(step3.train, key_command(standin_split), cwd, patch)
+    (root,) = root_runs(client_in(cwd))
+    return {"cwd": cwd, "root": root}
+
+
+def test_code_digest_follows_the_python_files_and_nothing_else(tmp_path):
+    """provenance.code_digest, the run key's input for the code: an edit to a .py file of the folder, or one more
+    .py file, gives another digest; an edit to another file, or the same files in another folder, does not."""
+    provenance = load_step_module("step_3", "provenance")
+    (code := tmp_path / "step").mkdir()
+    (code / "train.py").write_text("x = 1\n")
+    (code / "README.md").write_text("# notes\n")
+    digest = provenance.code_digest(code)
+    (code / "README.md").write_text("# other notes\n")
+    assert provenance.code_digest(code) == digest
+    assert provenance.code_digest(Path(shutil.copytree(code, tmp_path / "elsewhere"))) == digest
+    (code / "train.py").write_text("x = 2\n")
+    assert provenance.code_digest(code) != digest
+    (code / "train.py").write_text("x = 1\n")
+    assert provenance.code_digest(code) == digest
+    (code / "helper.py").write_text("")
+    assert provenance.code_digest(code) != digest
+
+
+KEY_INPUTS = ["nothing", "seed", "threads", "determinism", "settings", "split file", "code"]
+
+
+@pytest.mark.parametrize("change", KEY_INPUTS)
+def test_the_same_inputs_reopen_the_root_and_any_other_input_makes_a_new_one(
+    change, step3, standin_split, keyed_store, tmp_path, monkeypatch, capsys
+):
+    """After fold 0/0 completed: the same command reopens its root run (its record complete) and skips the fold;
+    a change to any one input of the run key makes a new root run that trains the fold again, rather than report
+    the old results as its own. The code is changed as an edit would change it: train.py with one more comment
+    line, in a copy of the step folder that main() digests instead of its own."""
+    shutil.copy(keyed_store["cwd"] / "mlflow.db", tmp_path / "mlflow.db")  # the artifacts stay where they are
+    train, calls, flags = step3.train, [], []
+    monkeypatch.setattr(train, "train_and_evaluate", instant_training(calls))
+    if change in ("seed", "threads", "determinism"):
+        flags = {"seed": ["--seed", "1"], "threads": ["--num-threads", "1"], "determinism": ["--no-deterministic"]}
+        flags = flags[change]
+    elif change == "settings":
+        monkeypatch.setattr(train, "QUICK", dataclasses.replace(train.QUICK, dropout=train.QUICK.dropout + 0.1))
+    elif change == "split file":  # another valid split file of the same data: other folds (another seed)
+        files, digest = standin_split["splits"]["files"], standin_split["splits"]["meta"]["dataset_digest"]
+        labels = np.array([standin_split["labels"][f] for f in files])
+        step3.splits.write_splits(step3.splits.make_splits(files, labels, 3, 3, 1, digest), tmp_path / "other.json")
+        flags = ["--split-file", str(tmp_path / "other.json")]
+    elif change == "code":
+        real_code_digest = train.code_digest
+
+        def edited(folder: Path) -> str:
+            copy = Path(shutil.copytree(folder, tmp_path / "code", ignore=shutil.ignore_patterns("__pycache__")))
+            (copy / "train.py").write_text((folder / "train.py").read_text() + "# one more comment\n")
+            return real_code_digest(copy)
+
+        monkeypatch.setattr(train, "code_digest", edited)
+    with torch_settings_kept():
+        main_in_process(train, key_command(standin_split, *flags), tmp_path, monkeypatch)
+    out, client = capsys.readouterr().out, client_in(tmp_path)
+    first, *others = root_runs(client)
+    assert first.info.run_id == keyed_store["root"].info.run_id
+    if change == "nothing":
+        assert f"MLflow run reopened: {first.info.run_id}" in out and "fold 0/0 already complete: skipped" in out
+        assert not calls and not others  # nothing trained again, no second root
+        assert first.data.tags["root_record"] == "complete" and first.data.tags["run_complete"] == "true"
+        return
+    assert [len(others), len(calls)] == [1, 1], f"{change}: the old root was reopened and its fold skipped"
+    (new,) = others
+    assert f"MLflow run started: {new.info.run_id}" in out and "already complete" not in out
+    assert new.data.tags["run_key"] != first.data.tags["run_key"] and new.data.tags["root_record"] == "complete"
+    parents = sorted(run.data.tags["mlflow.parentRunId"] for run in fold_runs(client)[(0, 0)])
+    assert parents == sorted([first.info.run_id, new.info.run_id])  # fold 0/0 complete under each root
+
+
+def test_a_root_without_its_whole_record_is_never_reopened(step3, standin_split, tmp_path, monkeypatch, capsys):
+    """The first command fails while it writes the root's record (its provenance, to an artifact store it cannot
+    write): that root has no tag root_record and no fold. The same command again starts a new root and records it
+    whole, rather than reopen a root whose params and provenance are missing."""
+    train, calls = step3.train, []
+    monkeypatch.setattr(train, "train_and_evaluate", instant_training(calls))
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "mlruns")
+
+    with monkeypatch.context() as broken, torch_settings_kept():
+        broken.setattr(train, "log_provenance", unwritable)
+        with pytest.raises(PermissionError):
+            main_in_process(train, key_command(standin_split), tmp_path, broken)
+    with torch_settings_kept():
+        main_in_process(train, key_command(standin_split), tmp_path, monkeypatch)
+    out, client = capsys.readouterr().out, client_in(tmp_path)
+    roots = root_runs(client)
+    assert len(roots) == 2, "the second command reopened the root whose record was never written"
+    failed, root = roots
+    assert failed.info.status == "FAILED" and "root_record" not in failed.data.tags
+    assert f"MLflow run started: {root.info.run_id}" in out and len(calls) == 1
+    assert root.data.tags["root_record"] == "complete" and root.data.tags["run_complete"] == "true"
+    assert root.data.params["seed"] == "0" and root.data.tags["code_digest"]  # the record: params, provenance
+    assert {a.path for a in client.list_artifacts(root.info.run_id, "splits")} == {"splits/dataset_splits.json"}
 
 
 N_SPLITS = 120  # images in the stand-in; one of them is a planted truncated JPEG

@@ -174,6 +174,8 @@ while time.time() < start:
 experiment_id = runs.use_experiment("race")
 studies.open_study(storage, "race-study", optuna.pruners.NopPruner())
 with resume.root_run(experiment_id, "race-key", "race", lambda: studies.claim(storage, "race-root")) as (root, new):
+    if new:
+        mlflow.set_tag("root_record", "complete")  # as train.py does once the root's record is written
     print("ROOT", root.info.run_id, new)
     with mlflow.start_run(nested=True) as child:  # as a fold run: in the active experiment
         print("CHILD", child.info.experiment_id)

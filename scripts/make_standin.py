@@ -27,8 +27,8 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -36,6 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "step_1"))  # every step holds the same common.py
+from common import int_in  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings
@@ -375,24 +378,6 @@ def marker_matches(target: Path, options: dict) -> bool:
 
 # -----------------------------------------------------------------------------
 # Command line
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer from low to high, so a bad value is one sentence that names the flag."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(
-                f"{value} is out of range: give a whole number from {low}"
-                + (f" to {high}" if high is not None else " up")
-            )
-        return value
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse the flags, keep a matching stand-in or refuse to replace another dataset, else draw it."""
     parser = argparse.ArgumentParser(

@@ -23,15 +23,12 @@ import argparse
 import json
 import sys
 import time
-import urllib.error
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torchvision
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -39,7 +36,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from pets import dataset_folder, drop_undecodable, load_image, read_annotations, warn_if_standin
+import common
+from pets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    dataset_folder,
+    drop_undecodable,
+    load_image,
+    read_annotations,
+    warn_if_standin,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -98,23 +104,6 @@ QUICK = replace(
 DEV_FRACTION = 0.15  # of all images, for early stopping and the threshold
 TEST_FRACTION = 0.15  # of all images, touched once at the end
 RESULTS_DIR = Path("results/step_1")  # fixed paths: every run overwrites the last one (flaw 3)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation the ImageNet weights expect
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Device
-def pick_device(name: str) -> torch.device:
-    """Return the requested device; `auto` takes CUDA, then Apple MPS, then the CPU."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
-    if not available[name]:
-        raise SystemExit(
-            f"--device {name} was asked for, but this machine has no {name.upper()} device: "
-            "use --device auto or --device cpu."
-        )
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,7 +121,8 @@ def split_train_dev_test(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     """One random stratified train/dev/test split (flaws 1 and 4: unseeded, and only one)."""
     indices = np.arange(len(labels))
     rest, test = train_test_split(indices, test_size=TEST_FRACTION, stratify=labels)
-    train, dev = train_test_split(rest, test_size=DEV_FRACTION / (1 - TEST_FRACTION), stratify=labels[rest])
+    dev_share = DEV_FRACTION / (1 - TEST_FRACTION)  # of the images left after the test set
+    train, dev = train_test_split(rest, test_size=dev_share, stratify=labels[rest])
     return train, dev, test
 
 
@@ -182,15 +172,7 @@ class PetClassifier(nn.Module):
 
 def build_model(settings: Settings) -> PetClassifier:
     """The backbone (ImageNet weights when settings.pretrained) with its classifier replaced by our head."""
-    weights = torchvision.models.get_model_weights(settings.backbone).DEFAULT if settings.pretrained else None
-    try:
-        backbone = torchvision.models.get_model(settings.backbone, weights=weights)
-    except (urllib.error.URLError, OSError) as error:
-        raise SystemExit(
-            f"Could not download the ImageNet weights of {settings.backbone} ({error}): offline, "
-            f"run with --quick (no pretrained weights), or copy {Path(weights.url).name} into "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'} and run again."
-        ) from None
+    backbone = common.load_backbone(settings.backbone, settings.pretrained)
     classifier = "classifier" if hasattr(backbone, "classifier") else "fc"  # DenseNet vs ResNet naming
     n_features = getattr(backbone, classifier).in_features
     setattr(backbone, classifier, nn.Identity())
@@ -288,7 +270,8 @@ def fit(model: PetClassifier, loaders: dict[str, DataLoader], settings: Settings
     train_phase("warmup", model, warmup_loaders, head_optimizer, epochs, epochs, device, best)  # no early stop
     model.backbone.requires_grad_(True)
     all_optimizer = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr, weight_decay=settings.weight_decay)
-    train_phase("finetune", model, loaders, all_optimizer, settings.finetune_epochs, settings.patience, device, best)
+    epochs, patience = settings.finetune_epochs, settings.patience
+    train_phase("finetune", model, loaders, all_optimizer, epochs, patience, device, best)
     return best
 
 
@@ -344,72 +327,26 @@ def train_and_evaluate(
 
 
 # ----------------------------------------------------------------------------------------------------------
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer from low to high, so a bad value is one sentence that names the flag."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(
-                f"{value} is out of range: give a whole number from {low}"
-                + (f" to {high}" if high is not None else " up")
-            )
-        return value
-
-    return parse
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags (everything else is hard-coded above)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke size for a CPU: small backbone, no pretrained weights, 64 px, at most 600 images, few epochs",
     )
     parser.add_argument("--data-dir", type=Path, default=Path("data/oxfordiii"), help="dataset root")
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda", "mps"],
-        default="auto",
-        help="auto: CUDA, then MPS, then CPU",
-    )
-    parser.add_argument(
-        "--num-workers",
-        type=int_in(0),
-        help="DataLoader worker processes; when not given, 0 on a CPU (workers would compete with the model for "
-        "the cores) and 4 on a GPU (it needs images faster than one process decodes them)",
-    )
+    common.add_device_flags(parser)
     return parser.parse_args(argv)
-
-
-def check_writable(folder: Path) -> None:
-    """Stop in one sentence, before any work, if the outputs could not be written to folder."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".write_check").touch()
-        (folder / ".write_check").unlink()
-    except OSError as error:
-        raise SystemExit(
-            f"Cannot write to {folder} ({error.strerror}): make it writable or run from another folder; nothing was "
-            "trained."
-        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     """Split the images once, train, pick the threshold on dev, test, and write everything to results/step_1/."""
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
-    device = pick_device(args.device)
-    if args.num_workers is None:
-        args.num_workers = 0 if device.type == "cpu" else 4
+    device = common.pick_device(args)  # and --num-workers, when not given, for that device
     started = time.perf_counter()
-    check_writable(RESULTS_DIR)  # a read-only folder stops here, not after the training, with the model lost
+    common.check_writable(RESULTS_DIR)  # a read-only folder stops here, not after the training, with the model lost
 
     folder = dataset_folder(args.data_dir)
     warn_if_standin(folder)

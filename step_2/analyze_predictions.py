@@ -40,9 +40,8 @@ from sklearn.metrics import (  # noqa: E402
     f1_score,
     roc_auc_score,
 )
-from torch.utils.data import DataLoader  # noqa: E402
 
-from train import PetImages  # noqa: E402
+import pets  # noqa: E402
 
 EXPERIMENT = "step_2"  # where step_2/train.py records its runs
 
@@ -91,9 +90,9 @@ def recheck_model(run_id: str, params: dict[str, str], test: pd.DataFrame) -> tu
         return f"skipped: the test images are not in {folder} (run this where train.py ran)", float("nan")
     torch.set_num_threads(int(params["num_threads"]))  # another thread count adds floats in another order
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-    images = PetImages(paths, test["label"].to_numpy(), int(params["image_size"]), augment=False, seed=0)
-    batches = DataLoader(images, batch_size=int(params["batch_size"]))
-    scores = np.concatenate([torch.sigmoid(model(x)).reshape(-1).numpy() for x, _ in batches])
+    images, size = [pets.model_input(path, int(params["image_size"])) for path in paths], int(params["batch_size"])
+    batches = [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]  # as train.py's loader
+    scores = np.concatenate([torch.sigmoid(model(x)).reshape(-1).numpy() for x in batches])
     difference = float(np.max(np.abs(scores - test["score"].to_numpy(np.float32))))
     if difference == 0:
         return "identical: the logged model reproduces the logged test scores bit for bit", difference

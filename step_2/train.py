@@ -6,10 +6,9 @@ statistics do not move). Fine-tuning: all layers, a smaller learning rate, AutoA
 ROC AUC keeps the best model; the decision threshold is fitted on dev (Youden's J).
 
 This step fixes step 1's flaws 1-3: one --seed decides the split, the weights, the shuffling and (per sample) the
-augmentation; every run is an MLflow run (experiment `step_2`: a root run, one child run per phase) with its
-settings, metrics, model and provenance (provenance.py); nothing is written to fixed paths. The same command on
-the same machine gives bit-identical results, whatever --num-workers is; Ctrl-C or SIGTERM ends the runs KILLED
-(runs.py). Still open: one random split (step 3), hand-picked hyper-parameters (4), hard-coded settings (5).
+augmentation; every run is an MLflow run (a root run, a child run per phase) with its settings, metrics, model and
+provenance (provenance.py), and nothing goes to fixed paths. The same command on the same machine gives the same
+bits, for any --num-workers; a stop signal ends the runs KILLED (runs.py). Still open: flaws 4 to 6 (steps 3-5).
 
 Run from the repository root:
 
@@ -28,8 +27,6 @@ import os
 import random
 import sys
 import time
-import urllib.error
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -38,7 +35,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-import torchvision
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -46,8 +42,17 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import common
 import runs
-from pets import dataset_folder, drop_undecodable, load_image, read_annotations, warn_if_standin
+from pets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    dataset_folder,
+    drop_undecodable,
+    load_image,
+    read_annotations,
+    warn_if_standin,
+)
 from provenance import log_image_lists, log_provenance, nondeterminism_reported
 
 
@@ -108,23 +113,6 @@ DEV_FRACTION = 0.15  # of all images, for early stopping and the threshold
 TEST_FRACTION = 0.15  # of all images, touched once at the end
 EXPERIMENT = "step_2"  # one MLflow experiment per step
 DEFAULT_SEED = 0  # any fixed value works; what matters is that it is fixed and logged
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation the ImageNet weights expect
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Device
-def pick_device(name: str) -> torch.device:
-    """Return the requested device; `auto` takes CUDA, then Apple MPS, then the CPU."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
-    if not available[name]:
-        raise SystemExit(
-            f"--device {name} was asked for, but this machine has no {name.upper()} device: "
-            "use --device auto or --device cpu."
-        )
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,9 +158,8 @@ def split_train_dev_test(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.
     """One seeded stratified train/dev/test split (still only one: flaw 4, fixed in step 3)."""
     indices = np.arange(len(labels))
     rest, test = train_test_split(indices, test_size=TEST_FRACTION, stratify=labels, random_state=seed)
-    train, dev = train_test_split(
-        rest, test_size=DEV_FRACTION / (1 - TEST_FRACTION), stratify=labels[rest], random_state=seed
-    )
+    dev_share = DEV_FRACTION / (1 - TEST_FRACTION)  # of the images left after the test set
+    train, dev = train_test_split(rest, test_size=dev_share, stratify=labels[rest], random_state=seed)
     return train, dev, test
 
 
@@ -234,15 +221,7 @@ class PetClassifier(nn.Module):
 
 def build_model(settings: Settings) -> PetClassifier:
     """The backbone (ImageNet weights when settings.pretrained) with its classifier replaced by our head."""
-    weights = torchvision.models.get_model_weights(settings.backbone).DEFAULT if settings.pretrained else None
-    try:
-        backbone = torchvision.models.get_model(settings.backbone, weights=weights)
-    except (urllib.error.URLError, OSError) as error:
-        raise SystemExit(
-            f"Could not download the ImageNet weights of {settings.backbone} ({error}): offline, "
-            f"run with --quick (no pretrained weights), or copy {Path(weights.url).name} into "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'} and run again."
-        ) from None
+    backbone = common.load_backbone(settings.backbone, settings.pretrained)
     classifier = "classifier" if hasattr(backbone, "classifier") else "fc"  # DenseNet vs ResNet naming
     n_features = getattr(backbone, classifier).in_features
     setattr(backbone, classifier, nn.Identity())
@@ -256,8 +235,8 @@ def train_one_epoch(
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    freeze_backbone: bool,
     epoch: int,
+    freeze_backbone: bool,
 ) -> float:
     """One pass over the training images; log every step's loss to the active run; return the mean loss."""
     model.train()
@@ -316,7 +295,7 @@ def train_phase(
     for epoch in (bar := tqdm(range(1, epochs + 1), desc=name, unit="epoch")):
         loaders["train"].dataset.epoch = epoch
         train_loss = train_one_epoch(
-            model, loaders["train"], optimizer, device, freeze_backbone=name == "warmup", epoch=epoch
+            model, loaders["train"], optimizer, device, epoch, freeze_backbone=name == "warmup"
         )
         dev_scores, dev_loss = predict(model, loaders["dev"], device)
         dev_auc = roc_auc_score(dev_labels, dev_scores)
@@ -351,11 +330,10 @@ def fit(model: PetClassifier, loaders: dict[str, DataLoader], settings: Settings
         train_phase("warmup", model, warmup_loaders, head_optimizer, epochs, epochs, device, best)  # no early stop
     model.backbone.requires_grad_(True)
     all_optimizer = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr, weight_decay=settings.weight_decay)
+    epochs, patience = settings.finetune_epochs, settings.patience
     with runs.tracked_run(run_name="finetune", nested=True, tags={"run_level": "phase", "phase": "finetune"}):
         mlflow.log_params({"lr": settings.finetune_lr, "max_epochs": settings.finetune_epochs, "trainable": "all"})
-        train_phase(
-            "finetune", model, loaders, all_optimizer, settings.finetune_epochs, settings.patience, device, best
-        )
+        train_phase("finetune", model, loaders, all_optimizer, epochs, patience, device, best)
     return best
 
 
@@ -421,59 +399,17 @@ def train_and_evaluate(
 
 
 # ----------------------------------------------------------------------------------------------------------
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer from low to high, so a bad value is one sentence that names the flag."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(
-                f"{value} is out of range: give a whole number from {low}"
-                + (f" to {high}" if high is not None else " up")
-            )
-        return value
-
-    return parse
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags (everything else is hard-coded above, and logged)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke size for a CPU: small backbone, no pretrained weights, 64 px, at most 600 images, few epochs",
     )
     parser.add_argument("--data-dir", type=Path, default=Path("data/oxfordiii"), help="dataset root")
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda", "mps"],
-        default="auto",
-        help="auto: CUDA, then MPS, then CPU",
-    )
-    parser.add_argument(
-        "--num-workers",
-        type=int_in(0),
-        help="DataLoader worker processes; when not given, 0 on a CPU (workers would compete with the model for "
-        "the cores) and 4 on a GPU (it needs images faster than one process decodes them)",
-    )
-    parser.add_argument(
-        "--seed", type=int_in(0, 2**32 - 1), default=DEFAULT_SEED, help="seed of the split, weights and augmentation"
-    )
-    parser.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="deterministic algorithms only (bit-for-bit reruns; on a GPU somewhat slower)",
-    )
-    parser.add_argument(
-        "--num-threads", type=int_in(1), default=os.cpu_count(), help="torch CPU threads (another count, other bits)"
-    )
+    common.add_device_flags(parser)
+    common.add_seed_flags(parser, DEFAULT_SEED)
     return parser.parse_args(argv)
 
 
@@ -481,11 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     """Split the images once, train, pick the threshold on dev, test, and record all of it in one MLflow run."""
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
-    device = pick_device(args.device)
-    if args.num_workers is None:
-        args.num_workers = 0 if device.type == "cpu" else 4
+    device = common.pick_device(args)  # and --num-workers, when not given, for that device
     seed_everything(args.seed, args.deterministic, args.num_threads)
-    runs.install_stop_handlers()  # Ctrl-C and SIGTERM end the runs KILLED instead of leaving them RUNNING
     started = time.perf_counter()
 
     folder = dataset_folder(args.data_dir)
@@ -502,37 +435,30 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     experiment_id = runs.use_experiment(EXPERIMENT)
-    try:
-        with runs.tracked_run(run_name=f"{settings.backbone}-seed{args.seed}", tags={"run_level": "root"}) as root:
-            print(f"MLflow run started: {root.info.run_id} (experiment {EXPERIMENT})", flush=True)
-            mlflow.log_params(
-                {
-                    **asdict(settings),
-                    "seed": args.seed,
-                    "deterministic": args.deterministic,
-                    "quick": args.quick,
-                    "device": str(device),
-                    "num_threads": torch.get_num_threads(),
-                    "num_workers": args.num_workers,
-                    "data_dir": str(args.data_dir),
-                    **{f"n_{name}": len(split[name]) for name in ("train", "dev", "test")},
-                }
-            )
-            log_provenance(Path(__file__).resolve().parent, device, folder, paths, is_standin)
-            results = train_and_evaluate(paths, labels, split, settings, args, device)
-            mlflow.set_tag("run_complete", "true")  # the last action: FINISHED alone does not prove completion
-    except runs.StopRequested:
-        raise SystemExit(
-            f"Stopped by a signal: run {root.info.run_id} and its phase runs were marked KILLED."
-        ) from None
+    with runs.tracked_run(run_name=f"{settings.backbone}-seed{args.seed}", tags={"run_level": "root"}) as root:
+        mlflow.log_params(
+            {
+                **asdict(settings),
+                "seed": args.seed,
+                "deterministic": args.deterministic,
+                "quick": args.quick,
+                "device": str(device),
+                "num_threads": torch.get_num_threads(),
+                "num_workers": args.num_workers,
+                "data_dir": str(args.data_dir),
+                **{f"n_{name}": len(split[name]) for name in ("train", "dev", "test")},
+            }
+        )
+        log_provenance(Path(__file__).resolve().parent, device, folder, paths, is_standin)
+        results = train_and_evaluate(paths, labels, split, settings, args, device)
+        mlflow.set_tag("run_complete", "true")  # the last action: FINISHED alone does not prove completion
 
     print(
         f"dev ROC AUC {results['dev_roc_auc']:.3f} (best: {results['best_phase']} epoch {results['best_epoch']}), "
         f"test ROC AUC {results['test_roc_auc']:.3f}, threshold {results['threshold']:.3f}, "
         f"{time.perf_counter() - started:.0f} s"
     )
-    print(f"Tracking URI: {mlflow.get_tracking_uri()}\nRoot run: {root.info.run_id}")
-    print(f"View it: {runs.where_to_view(experiment_id, root.info.run_id)}")
+    runs.print_where(experiment_id, root.info.run_id)
     print(f"Next: {Path(sys.executable).name} step_2/analyze_predictions.py")
 
 

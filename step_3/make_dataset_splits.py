@@ -1,15 +1,16 @@
-"""Step 3 — make the split file: nested stratified k-fold over every decodable listed image, made once.
+"""Make the split file: nested stratified k-fold over every decodable listed image, made once.
 
 Outer ("root") folds each hold out a test set; inside the rest, nested folds each hold out a dev set (early
 stopping, threshold) and train on what remains. train.py reads the folds from this file instead of drawing a
 split itself, so every run and every machine uses the same folds, and load_splits checks the file each time
 (no leaks, stratified, made from the data on disk). The same data and options give a byte-identical file.
+Steps 3, 4 and 5 hold the same copy: one split file serves them all.
 
-Run from the repository root:
+Run from the repository root (step_N: this step's folder, step_3, step_4 or step_5):
 
-    python step_3/make_dataset_splits.py                          # data/oxfordiii/dataset_splits.json, 10 x 10
-    python step_3/make_dataset_splits.py --k-root 5 --k-nested 3  # fewer folds
-    python step_3/make_dataset_splits.py --data-dir /scratch/pets --output /scratch/pets/splits_seed1.json --seed 1
+    python step_N/make_dataset_splits.py                          # data/oxfordiii/dataset_splits.json, 10 x 10
+    python step_N/make_dataset_splits.py --k-root 5 --k-nested 3  # fewer folds
+    python step_N/make_dataset_splits.py --data-dir /scratch/pets --output /scratch/pets/splits_seed1.json --seed 1
 """
 
 from __future__ import annotations
@@ -19,23 +20,23 @@ import hashlib
 import time
 from pathlib import Path
 
+import common
 from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
 from provenance import dataset_digest
 from splits import make_splits, write_splits
-from train import QUICK, int_in
+
+CHECK_SIZE = 64  # the image check decodes at the smallest size the steps train at (--quick), the fastest
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument("--data-dir", type=Path, default=Path("data/oxfordiii"), help="dataset root")
-    parser.add_argument("--k-root", type=int_in(2), default=10, help="outer folds: each holds out one test set")
+    parser.add_argument("--k-root", type=common.int_in(2), default=10, help="outer folds: each holds out one test set")
     parser.add_argument(
-        "--k-nested", type=int_in(2), default=10, help="nested folds of each outer fold: one dev set each"
+        "--k-nested", type=common.int_in(2), default=10, help="nested folds of each outer fold: one dev set each"
     )
-    parser.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the fold assignment")
+    parser.add_argument("--seed", type=common.int_in(0, 2**32 - 1), default=0, help="seed of the fold assignment")
     parser.add_argument("--output", type=Path, help="the split file (default: DATA_DIR/dataset_splits.json)")
     return parser.parse_args(argv)
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = dataset_folder(args.data_dir)
     is_standin = warn_if_standin(folder)
     listed, labels = read_annotations(folder)
-    paths, labels = drop_undecodable(listed, labels, QUICK.image_size)  # excluded before splitting, as in train.py
+    paths, labels = drop_undecodable(listed, labels, CHECK_SIZE)  # excluded before splitting, as in train.py
     order = sorted(range(len(paths)), key=lambda i: paths[i].relative_to(folder).as_posix())  # canonical order
     files = [paths[i].relative_to(folder).as_posix() for i in order]
     digest = dataset_digest(folder, [folder / f for f in files])

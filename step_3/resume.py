@@ -1,4 +1,4 @@
-"""Resume for step 3: find the work already done, through MLflow alone.
+"""Resume: find the work already done, through MLflow alone, and skip it.
 
 A root run and its fold runs carry a run key, a short hash of what decides their results (split file, seed,
 settings, thread count, code). The same command again finds the root run with that key, and a fold counts as done
@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import mlflow
@@ -83,16 +83,41 @@ def find_root_run(client: mlflow.MlflowClient, experiment_id: str, key: str) -> 
     return runs[0].info.run_id if runs else None
 
 
-@contextmanager
-def root_run(experiment_id: str, key: str, run_name: str) -> Iterator[tuple[mlflow.ActiveRun, bool]]:
-    """The root run with this run key, reopened, or started when there is none; and whether it is new.
+STOPPED = "The same command resumes, skipping the completed folds."  # said when a signal stops the command
 
-    Runs left RUNNING by a dead process are marked KILLED first. Signals end the root run KILLED (runs.py).
+
+@contextmanager
+def root_run(experiment_id: str, key: str, run_name: str, record: Callable[[], None]) -> Iterator[mlflow.ActiveRun]:
+    """The root run with this run key, reopened, or started when there is none, and then recorded by `record()`.
+
+    A root's record (params, provenance, split file) is written once, when the run is new; its last tag says it
+    is whole. Runs left RUNNING by a dead process are marked KILLED first. Signals end the root run KILLED.
     """
     client = mlflow.MlflowClient()
     sweep_dead_runs(client, experiment_id)
     root_id = find_root_run(client, experiment_id, key)
-    with runs.tracked_run(run_id=root_id, run_name=run_name) as root:
-        print(f"MLflow run {'reopened' if root_id else 'started'}: {root.info.run_id} (experiment id {experiment_id})")
+    with runs.tracked_run(STOPPED, run_id=root_id, run_name=run_name) as root:
         mlflow.set_tags({"run_level": "root", "run_key": key, **owner_tags()})
-        yield root, root_id is None
+        if root_id is None:
+            record()  # a param cannot change later: what defines the root is logged once
+            mlflow.set_tag("root_record", "complete")  # the last: a root is reopened only with its whole record
+        yield root
+
+
+def pending(experiment_id: str, key: str, folds: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The folds still to run, in order; the completed ones are named and skipped."""
+    done = completed_folds(experiment_id, key)
+    for fold in folds:
+        if fold in done:
+            print(f"fold {fold[0]}/{fold[1]} already complete: skipped")
+        else:
+            yield fold
+
+
+@contextmanager
+def fold_run(fold: tuple[int, int], key: str) -> Iterator[mlflow.ActiveRun]:
+    """A fold's run, nested in the root run: tagged with its fold, the run key and the process that owns it."""
+    tags = {"run_level": "fold", "root_split_id": str(fold[0]), "nested_split_id": str(fold[1])}
+    with runs.tracked_run(run_name=f"fold-{fold[0]}-{fold[1]}", nested=True, tags=tags) as run:
+        mlflow.set_tags({"run_key": key, **owner_tags()})
+        yield run

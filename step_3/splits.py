@@ -1,18 +1,20 @@
-"""Split files for step 3: nested stratified k-fold, written once, checked every time they are loaded.
+"""Split files: nested stratified k-fold, written once, checked every time they are loaded, and the folds a run takes.
 
 A split file fixes which images each fold trains, tunes and tests on, so that every run, on every machine, uses
-the same folds, and a fold's test images can never leak into its training. The format (CONVENTIONS §4):
+the same folds, and a fold's test images can never leak into its training. The format:
 
     {"meta": {...}, "files": ["images/Abyssinian_1.jpg", ...],
      "root_splits": {"0": {"test_indices": [...],
                            "nested_splits": {"0": {"train_indices": [...], "dev_indices": [...]}, ...}}, ...}}
 
 Indices point into `files`. `load_splits` refuses, with one sentence, a file that leaks (a test image in
-training), is not stratified, or was made from other data than the data on disk (a stale file).
+training), is not stratified, or was made from other data than the data on disk (a stale file). `choose_folds`
+picks the folds a command asks for, and `fold_indices` gives a fold's train, dev and test images.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -23,13 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import sklearn
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from provenance import dataset_digest
 
 FORMAT_VERSION = 1  # bump when the layout changes; load_splits refuses other versions
 CLASS_NAMES = {0: "dog", 1: "cat"}  # labels as read from the species column (1 = cat, the positive class)
-REMAKE = "regenerate it with python step_3/make_dataset_splits.py"  # what to do about a bad split file
+REMAKE = f"regenerate it with python {Path(__file__).resolve().parent.name}/make_dataset_splits.py"  # for a bad file
+# How the folds to run are named to the user: by command-line flag (steps 3 and 4) or by config key (step 5)
+FLAGS = {"root": "--root-split", "nested": "--nested-split", "n_root": "--n-root-splits",
+         "n_nested": "--n-nested-splits", "all": "'all'"}  # fmt: skip
+CONFIG_KEYS = {"root": "cv.root_split", "nested": "cv.nested_split", "n_root": "cv.n_root_splits",
+               "n_nested": "cv.n_nested_splits", "all": "None"}  # fmt: skip
 
 
 def make_splits(
@@ -198,7 +205,10 @@ def load_splits(path: Path, folder: Path, labels: dict[str, int]) -> dict:
     """
     name = str(path)
     if not path.is_file():
-        raise SystemExit(f"{name}: no split file there; make it with python step_3/make_dataset_splits.py.")
+        raise SystemExit(
+            f"No split file at {name}: make it with `python {Path(__file__).resolve().parent.name}/"
+            f"make_dataset_splits.py --data-dir {folder.parent}` (or name another split file)."
+        )
     raw = path.read_bytes()
     try:
         splits = json.loads(raw)
@@ -240,4 +250,66 @@ def load_splits(path: Path, folder: Path, labels: dict[str, int]) -> dict:
             }
             for root, split in splits["root_splits"].items()
         },
+    }
+
+
+def count_or_all(text: str) -> int | None:
+    """An argparse type for a number of folds: a whole number from 1, or 'all' (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 up, or 'all'")
+    return int(text)
+
+
+def choose_folds(
+    splits: dict, n_root: int | None, n_nested: int | None, one: tuple[int | None, int | None], names: dict = FLAGS
+) -> list[tuple[int, int]]:
+    """The (root split, nested split) pairs to run: the one fold `one`, or the first n_root x n_nested (None: all)."""
+    k_root, k_nested = len(splits["root_splits"]), len(splits["root_splits"][0]["nested"])
+    root, nested = one
+    if (root is None) != (nested is None):
+        raise SystemExit(f"{names['root']} and {names['nested']} go together: give both to run one fold, or neither.")
+    if root is not None:
+        if not (0 <= root < k_root and 0 <= nested < k_nested):
+            raise SystemExit(
+                f"Fold ({root}, {nested}) ({names['root']}, {names['nested']}) is not in {splits['path']}, which "
+                f"has {k_root} root x {k_nested} nested splits (numbered from 0)."
+            )
+        return [(root, nested)]
+    counts = []
+    for name, value, available in (("n_root", n_root, k_root), ("n_nested", n_nested, k_nested)):
+        count = available if value is None else value
+        if not 1 <= count <= available:
+            raise SystemExit(
+                f"{names[name]} {value}: give a number from 1 to {available}, or {names['all']} for all "
+                f"({splits['path']})."
+            )
+        counts.append(count)
+    return [(r, n) for r in range(counts[0]) for n in range(counts[1])]
+
+
+def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
+    """Indices of a seeded class-stratified subset of at most max_images images (all of them if None)."""
+    indices = np.arange(len(labels))
+    if max_images is None or max_images >= len(labels):
+        return indices
+    subset, _ = train_test_split(indices, train_size=max_images, stratify=labels, random_state=seed)
+    return np.sort(subset)
+
+
+def fold_indices(
+    splits: dict, fold: tuple[int, int], max_images: int | None, shares: dict[str, float], seed: int
+) -> dict[str, np.ndarray]:
+    """Train, dev and test indices of one fold; with a cap (--quick), a seeded stratified subsample of each part,
+    of max_images x shares[part] images."""
+    root, nested = fold
+    parts = {"train": splits["root_splits"][root]["nested"][nested]["train"],
+             "dev": splits["root_splits"][root]["nested"][nested]["dev"],
+             "test": splits["root_splits"][root]["test"]}  # fmt: skip
+    if max_images is None:
+        return parts
+    return {
+        part: idx[stratified_subset(splits["labels"][idx], round(max_images * shares[part]), seed)]
+        for part, idx in parts.items()
     }

@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 STANDIN_MARKER = "SYNTHETIC.json"  # written only into the synthetic stand-in (download_data.py --synthetic)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation the ImageNet weights expect
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def dataset_folder(data_dir: Path) -> Path:
@@ -66,6 +69,12 @@ def load_image(path: Path, size: int) -> torch.Tensor:
         image.draft("RGB", (size, size))  # only JPEGs use it; it never goes below the requested size
         rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+def model_input(path: Path, size: int) -> torch.Tensor:
+    """An image as the model takes it unaugmented: decoded at size × size, scaled to [0, 1], normalised as the
+    ImageNet weights expect (what the training's image dataset gives for an image it does not augment)."""
+    return v2.functional.normalize(load_image(path, size).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def is_decodable(path: Path, size: int) -> bool:

@@ -15,6 +15,7 @@ config = Config(
         split_file=None,  # from make_dataset_splits.py: None means DATA_DIR/dataset_splits.json
         image_size=224,  # the resolution DenseNet-121 was trained at on ImageNet
         max_images=None,
+        shares={"train": 0.70, "dev": 0.15, "test": 0.15},  # with max_images: how it is shared by a fold's parts
     ),
     model=Model(
         backbone="densenet121",

@@ -15,14 +15,16 @@ whole, a verdict:
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -33,6 +35,8 @@ from mlflow.exceptions import MlflowException
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small files: no bars
 
 from provenance import code_digest, git_state, installed_distributions, software_and_hardware
+from resume import completed_folds
+from settings import Config, apply_overrides, from_json, load
 
 FOLD_METRICS = ("dev_roc_auc", "test_roc_auc", "threshold")  # all must be equal for "identical"
 NOISE_METRICS = ("dev_roc_auc", "test_roc_auc")  # judged against their spread between the original's folds
@@ -111,9 +115,12 @@ def environment(device: torch.device) -> dict[str, str]:
     return {**software_and_hardware(device), "installed_distributions": packages}
 
 
-def already_reproduced(experiment_id: str, key: str, folds: list, done: set) -> bool:
+def already_reproduced(original: Original | None, experiment_id: str, key: str, folds: list) -> bool:
     """Whether a complete rerun with this run key (the same record, code, packages, hardware and threads) has
     every fold asked for: then its verdict is printed, and nothing is rerun."""
+    if original is None:
+        return False
+    done = completed_folds(experiment_id, key)
     query = f"tags.run_level = 'root' AND tags.run_key = '{key}' AND tags.run_complete = 'true'"
     earlier = mlflow.MlflowClient().search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
     earlier = [run for run in earlier if "reproduction_verdict" in run.data.tags]
@@ -178,8 +185,11 @@ def verdict_of(old: dict[str, float], new: dict[str, float], same_choice: bool, 
     return "within noise" if all(abs(new[m] - old[m]) < spread[m] for m in NOISE_METRICS) else "different"
 
 
-def judge(original: Original, new_root_id: str, searched: list[str], overrides: list[str]) -> dict:
-    """Each fold's verdict and the overall one, printed, tagged on the fold runs and the new root, and logged."""
+def judge(original: Original | None, new_root_id: str, searched: list[str], overrides: list[str]) -> dict | None:
+    """Each fold's verdict and the overall one, printed, tagged on the fold runs and the new root, and logged
+    (nothing when this is not a rerun)."""
+    if original is None:
+        return None
     client = mlflow.MlflowClient()
     before, after = fold_runs(client, original.run), fold_runs(client, client.get_run(new_root_id))
     spread = {
@@ -226,3 +236,50 @@ def judge(original: Original, new_root_id: str, searched: list[str], overrides: 
     mlflow.log_dict(result, "reproduction/verdict.json")
     mlflow.set_tag("reproduction_verdict", overall)
     return result
+
+
+def load_experiment(
+    args: argparse.Namespace, config_file: Path, quick_config: Path, experiment: str, seed: int
+) -> tuple[Config, list[Path], Original | None]:
+    """The experiment: a config file with the --set overrides, or a logged run's record (--from-run); the config
+    files read; the original run. Fills in the seed, determinism and threads the command line left open."""
+    original, files = None, []
+    if args.from_run is not None:  # even "" (an unset shell variable): fetch refuses it
+        if args.quick or args.config:
+            raise SystemExit("--from-run takes the experiment from the run's record: give it without --quick/--config.")
+        original = fetch(args.from_run, experiment)
+        source = f"run {args.from_run}'s config/resolved_config.json"
+        config = from_json(original.config, source)  # JSON is data: nothing fetched from a server is executed
+        config = apply_overrides(config, args.set, source)
+        config = replace(config, data=replace(config.data, split_file=str(original.split_file)))
+    elif args.quick and args.config:
+        raise SystemExit(
+            f"--quick means --config {quick_config.parent.name}/{quick_config.name}: give one of them, not both."
+        )
+    else:
+        config, files = load(args.config or (quick_config if args.quick else config_file), args.set)
+    recorded = {} if original is None else vars(original)
+    for name, default in (("seed", seed), ("deterministic", True), ("num_threads", os.cpu_count())):
+        if getattr(args, name) is None:
+            setattr(args, name, recorded.get(name, default))
+    return config, files, original
+
+
+def rerun_of(original: Original | None, device: torch.device) -> tuple[str, dict] | None:
+    """For a rerun's key: the run it reruns, and what its verdict depends on (the packages, the hardware)."""
+    return None if original is None else (original.run.info.run_id, environment(device))
+
+
+def warn_differences(original: Original | None, code_dir: Path, device: torch.device) -> list[str]:
+    """For a rerun: print, and return, how this code, software and hardware differ from the original run's."""
+    differences = [] if original is None else environment_differences(original, code_dir, device)
+    for difference in differences:
+        print(f"WARNING not as in run {original.run.info.run_id}: {difference}", file=sys.stderr)
+    return differences
+
+
+def log_original(original: Original | None, differences: list[str]) -> None:
+    """For a rerun, on its root run: the run it reproduces, and how its environment differs."""
+    if original is not None:
+        mlflow.set_tag("reproduces", original.run.info.run_id)
+        mlflow.log_dict({"differences": differences}, "reproduction/environment.json")

@@ -73,17 +73,29 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 
 @contextmanager
-def tracked_run(**kwargs: object) -> Iterator[mlflow.ActiveRun]:
-    """`mlflow.start_run`, but a run stopped by a signal ends KILLED, and one stopped by the pruner FINISHED."""
-    with mlflow.start_run(**kwargs) as run:
-        try:
-            yield run
-        except (StopRequested, KeyboardInterrupt):
-            mlflow.end_run("KILLED")
+def tracked_run(stopped: str = "", **kwargs: object) -> Iterator[mlflow.ActiveRun]:
+    """`mlflow.start_run`, but a run stopped by a signal ends KILLED, and one stopped by the pruner FINISHED.
+
+    A stop ends a root (not nested) run's command with one sentence, and `stopped` after it (what to do next)."""
+    try:
+        with mlflow.start_run(**kwargs) as run:
+            if not kwargs.get("nested"):
+                started = "reopened" if kwargs.get("run_id") else "started"
+                print(f"MLflow run {started}: {run.info.run_id} (experiment id {run.info.experiment_id})", flush=True)
+            try:
+                yield run
+            except (StopRequested, KeyboardInterrupt):
+                mlflow.end_run("KILLED")
+                raise
+            except optuna.TrialPruned:
+                mlflow.end_run("FINISHED")
+                raise
+    except StopRequested:
+        if kwargs.get("nested"):
             raise
-        except optuna.TrialPruned:
-            mlflow.end_run("FINISHED")
-            raise
+        raise SystemExit(
+            f"Stopped by a signal: run {run.info.run_id} and its open child runs were marked KILLED. {stopped}".strip()
+        ) from None
 
 
 @contextmanager
@@ -117,7 +129,9 @@ def store_lock(timeout: float = 60.0) -> Iterator[None]:
 
 
 def use_experiment(name: str) -> str:
-    """Select (or create) the experiment, tagged as classic model training for the UI; return its id."""
+    """Select (or create) the experiment, tagged as classic model training for the UI; return its id. From here
+    on, Ctrl-C and SIGTERM are stop requests: the runs end KILLED instead of being left RUNNING."""
+    install_stop_handlers()
     with store_lock():
         try:
             experiment = mlflow.set_experiment(name)  # MLflow's default store (./mlflow.db), or MLFLOW_TRACKING_URI
@@ -140,6 +154,12 @@ def where_to_view(experiment_id: str, run_id: str) -> str:
     base = uri.rstrip("/") if on_server else UI
     link = f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     return link if on_server else f"`mlflow ui` from this directory, then {link}"
+
+
+def print_where(experiment_id: str, run_id: str) -> None:
+    """Say where the run is: the tracking URI, the root run's id, and the link to it in the UI."""
+    print(f"Tracking URI: {mlflow.get_tracking_uri()}\nRoot run: {run_id}")
+    print(f"View it: {where_to_view(experiment_id, run_id)}")
 
 
 def log_step_losses(losses: list[float], first_step: int) -> None:

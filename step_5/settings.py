@@ -23,8 +23,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import mlflow
 import optuna
 import torchvision
 
@@ -106,6 +108,7 @@ class Data:
     split_file: str | None  # from make_dataset_splits.py; None: DATA_DIR/dataset_splits.json
     image_size: int  # images are resized to image_size × image_size
     max_images: int | None  # stratified cap on the images of a fold (None: all of them)
+    shares: dict  # with max_images: each part's share of the cap, {"train": ..., "dev": ..., "test": ...}
 
 
 @dataclass(frozen=True)
@@ -207,8 +210,8 @@ ALLOWED: dict[str, Bounds | Names] = {
     # Below 29 px DenseNet's pooling runs out of pixels; below 33 px (61 for DenseNet) the last feature map is one
     # pixel and BatchNorm stops on a training batch of one image, which an epoch's last batch can be. 64 suits all.
     "data.image_size": Bounds(64, why="below it, BatchNorm stops on a training batch of one image"),
-    # train.py shares a capped fold 0.70 / 0.15 / 0.15 (QUICK_SHARES) and draws each part stratified, which takes
-    # at least 2 images: one of each class. round(0.15 * 10) = 2.
+    # A capped fold is shared 0.70 / 0.15 / 0.15 (data.shares) and each part drawn stratified, which takes at least
+    # 2 images: one of each class. round(0.15 * 10) = 2; check_shares checks it for other shares.
     "data.max_images": Bounds(10, why="dev and test each get 15% of it, and each needs an image of each class"),
     "model.backbone": Names(
         BACKBONES,
@@ -381,7 +384,19 @@ def check(config: Any, source: str) -> None:
         names[name] = at.rstrip(".")
 
     resolve(config, unique)
+    check_shares(config.data, source)
     check_search(config.search, source)
+
+
+def check_shares(data: Data, source: str) -> None:
+    """data.shares: a share for each part of a fold, which add up to at most 1, and with data.max_images at least
+    2 images for every part (one of each class)."""
+    shares = data.shares
+    numbers = all(isinstance(v, float | int) and not isinstance(v, bool) and v > 0 for v in shares.values())
+    if set(shares) != {"train", "dev", "test"} or not numbers or sum(shares.values()) > 1 + 1e-9:
+        fail(source, "data.shares", "a share above 0 for each of train, dev and test, adding up to at most 1", shares)
+    if data.max_images is not None and any(round(data.max_images * share) < 2 for share in shares.values()):
+        fail(source, "data.max_images", "large enough that every part gets 2 images at data.shares", data.max_images)
 
 
 def check_setting(key: str, value: Any, hint: Any, source: str) -> None:
@@ -589,3 +604,33 @@ def flat_settings(config: Config) -> dict[str, Any]:
             if not isinstance(value, Hyperparameter):
                 flat[f"{section.name}.{f.name}"] = json.dumps(value) if isinstance(value, dict) else value
     return flat
+
+
+def as_settings(config: Config) -> SimpleNamespace:
+    """The data, model and training sections of a resolved config as one object, every setting an attribute: what
+    training.py reads (its `Settings`)."""
+    sections = (config.data, config.model, config.training)
+    return SimpleNamespace(**{f.name: getattr(section, f.name) for section in sections for f in fields(section)})
+
+
+def recipe(config: Config) -> Any:
+    """What of the config decides the results, as JSON: all of it but where its files are, which folds run, the
+    trial budget and where the studies are kept (a run key holds it)."""
+    return to_json(
+        replace(
+            config,
+            data=replace(config.data, data_dir="", split_file=None),
+            cv=None,
+            search=replace(config.search, n_trials=0, storage=""),
+        )
+    )
+
+
+def log_config(config: Config, files: list[Path], overrides: list[str]) -> None:
+    """Log the config on the active run: its files as written (and those they build on), the resolved config as
+    JSON (what --from-run reads back), the search space, and the --set overrides as a tag."""
+    for path in files:
+        mlflow.log_artifact(str(path), "config")
+    mlflow.log_text(dumps(config), "config/resolved_config.json")
+    mlflow.log_dict(search_space(config), "config/search_space.json")
+    mlflow.set_tag("config_overrides", " ".join(overrides) or "none")

@@ -1,4 +1,4 @@
-"""Optuna studies for step 4: stored, resumable, and shared by several processes.
+"""Optuna studies, one per fold: stored, resumable, and shared by several processes.
 
 One study per fold, kept in `--storage`: by default a journal file in the working directory (Optuna's
 JournalFileBackend, which locks the file, so several processes on one machine can share it), or any Optuna
@@ -36,6 +36,7 @@ storage URL (`postgresql://…`, `mysql://…`; `sqlite:///…` works for one pr
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import itertools
@@ -45,6 +46,7 @@ import random
 import re
 import shlex
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -155,6 +157,16 @@ def open_storage(storage: str) -> BaseStorage:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def add_storage_flag(parser: argparse.ArgumentParser) -> None:
+    """--storage: where the Optuna studies are kept (open_storage checks it)."""
+    parser.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help="where the Optuna studies are kept: a journal file (safe for several processes on one machine) or a "
+        "storage URL such as postgresql://user@host/db",
+    )
+
+
 def open_study(storage: str, name: str, pruner: optuna.pruners.BasePruner) -> optuna.Study:
     """The fold's study, created on first use (at most once, even by several processes at the same moment)."""
     try:
@@ -173,6 +185,24 @@ def claim(storage: str, name: str) -> bool:
     except optuna.exceptions.DuplicatedStudyError:
         return False
     return True
+
+
+def claimer(storage: str, name: str) -> Callable[[], bool]:
+    """A call that says whether this process is the first to claim `name` (see `claim`)."""
+    return lambda: claim(storage, name)
+
+
+def log_setup(space: dict, sampler: str, pruner: dict | None, n_trials: int, storage: str) -> None:
+    """Log how the studies search, on the active run (search/search_setup.json; tag optuna_storage)."""
+    setup = {
+        "search_space": space,
+        "sampler": f"{sampler}, seeded per trial from (seed, root split, nested split, trial slot)",
+        "pruner": pruner,
+        "n_trials": n_trials,
+        "storage": describe(storage),
+    }
+    mlflow.log_dict(setup, "search/search_setup.json")
+    mlflow.set_tag("optuna_storage", describe(storage))
 
 
 def sweep_dead_trials(study: optuna.Study) -> None:
@@ -276,6 +306,22 @@ def claim_refit(study: optuna.Study) -> int | None:
         refits.tell(trial, state=TrialState.FAIL)
         return None
     return trial.number
+
+
+def check_refit(fold: tuple[int, int], best: FrozenTrial, dev_roc_auc: float, refit_run_id: str) -> None:
+    """The refit trains exactly as the best trial did, so it must reach exactly the same dev ROC AUC: log the
+    difference and the verdict (tag `refit_check`) on the fold run, and warn when they differ."""
+    difference = dev_roc_auc - best.value
+    mlflow.log_metric("refit_dev_roc_auc_difference", difference)
+    mlflow.set_tags({"refit_run_id": refit_run_id, "best_trial_number": str(best.number)})
+    mlflow.set_tag("refit_check", "identical" if difference == 0 else "differs")
+    if difference != 0:
+        print(
+            f"WARNING fold {fold[0]}/{fold[1]}: the refit reached dev ROC AUC {dev_roc_auc:.6f}, the best trial "
+            f"{best.value:.6f}: training is not bit-for-bit reproducible here (nondeterministic kernels, "
+            "--no-deterministic?), so the test result is of a model the search never saw.",
+            file=sys.stderr,
+        )
 
 
 def refit_done(study: optuna.Study, number: int, dev_roc_auc: float) -> None:

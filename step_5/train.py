@@ -3,9 +3,7 @@
 What it does: ImageNet-pretrained DenseNet-121 with a new head (Linear → ReLU → Dropout → Linear to one logit).
 Warm-up: only the head trains, on unaugmented images; the backbone is frozen and in eval mode (its BatchNorm
 statistics do not move). Fine-tuning: all layers, a smaller learning rate, AutoAugment. Early stopping on dev
-ROC AUC keeps the best model; the decision threshold is fitted on dev (Youden's J). In every fold of the split
-file, a seeded, pruned Optuna study chooses the hyper-parameters from the fold's train and dev images; a refit
-with the chosen values is evaluated once on the fold's test images (step 4).
+ROC AUC keeps the best model; the decision threshold is fitted on dev (Youden's J).
 
 This step fixes step 4's flaw 6, settings hard-coded in the training code: to run another experiment someone had
 to edit this file, and the record of a run did not say enough to run it again. Now what the experiment is lives
@@ -28,56 +26,25 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import copy
-import os
-import random
 import sys
 import time
-import urllib.error
-from collections.abc import Callable
-from dataclasses import replace
-from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import optuna
-import pandas as pd
 import torch
-import torchvision
-from sklearn.metrics import roc_auc_score, roc_curve
-from sklearn.model_selection import train_test_split
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
-from tqdm import tqdm
 
+import common
 import reproduce
 import resume
 import runs
+import settings
 import studies
-from pets import dataset_folder, drop_undecodable, load_image, read_annotations, warn_if_standin
-from provenance import code_digest, log_image_lists, log_provenance, nondeterminism_reported
-from settings import (
-    Config,
-    CrossValidation,
-    Model,
-    Search,
-    Training,
-    apply_overrides,
-    drawn_by,
-    dumps,
-    flat_settings,
-    from_json,
-    load,
-    make_pruner,
-    make_sampler,
-    resolve,
-    search_space,
-    taken_from,
-    to_json,
-)
-from splits import load_splits
+from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
+from provenance import code_digest, log_provenance
+from splits import CONFIG_KEYS, choose_folds, fold_indices, load_splits
+from training import build_model, fit, make_loaders, seed_everything, train_and_evaluate
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: what the experiment is lives in a config file, logged with every run: config.py (the default),
@@ -87,390 +54,18 @@ from splits import load_splits
 CONFIG = Path(__file__).resolve().parent / "config.py"
 QUICK_CONFIG = CONFIG.with_name("config_quick.py")  # config.py at smoke size for a CPU: only what differs
 
-QUICK_SHARES = {"train": 0.70, "dev": 0.15, "test": 0.15}  # --quick: how max_images is shared by a fold's parts
 EXPERIMENT = "step_5"  # one MLflow experiment per step
 DEFAULT_SEED = 0  # any fixed value works; what matters is that it is fixed and logged
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation the ImageNet weights expect
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Device
-def pick_device(name: str) -> torch.device:
-    """Return the requested device; `auto` takes CUDA, then Apple MPS, then the CPU."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
-    if not available[name]:
-        raise SystemExit(
-            f"--device {name} was asked for, but this machine has no {name.upper()} device: "
-            "use --device auto or --device cpu."
-        )
-    return torch.device(name)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Seeding and determinism
-def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
-    """Seed Python, NumPy and torch (all devices), fix the thread count, and ask for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds the CPU and every CUDA device
-    # torch's CPU matrix products run in Intel MKL, which by default picks its code path by the memory alignment of
-    # each input and may change its thread count from call to call. Its reproducibility mode pins both; MKL reads
-    # these variables at its first call, so main() calls this function before any computation.
-    os.environ.setdefault("MKL_CBWR", "AUTO")
-    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-    torch.set_num_threads(num_threads)  # float sums are added in a different order with another thread count
-    torch.backends.cudnn.benchmark = False  # benchmark mode picks the fastest kernel, which may differ per run
-    torch.backends.cudnn.deterministic = deterministic
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
-    # warn_only: an op without a deterministic implementation on this device warns instead of stopping the run;
-    # the run reports those ops and is tagged, because such a run is not bit-for-bit reproducible.
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling new tensors costs time, adds nothing
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A seed for one sample's augmentation in one epoch, independent of worker processes and batch order."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data
-def stratified_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray:
-    """Indices of a seeded class-stratified subset of at most max_images images (all of them if None)."""
-    indices = np.arange(len(labels))
-    if max_images is None or max_images >= len(labels):
-        return indices
-    subset, _ = train_test_split(indices, train_size=max_images, stratify=labels, random_state=seed)
-    return np.sort(subset)
-
-
-def fold_indices(splits: dict, root: int, nested: int, max_images: int | None, seed: int) -> dict[str, np.ndarray]:
-    """Train, dev and test indices of one fold; with a cap (--quick), a seeded stratified subsample of each."""
-    fold = {"train": splits["root_splits"][root]["nested"][nested]["train"],
-            "dev": splits["root_splits"][root]["nested"][nested]["dev"],
-            "test": splits["root_splits"][root]["test"]}  # fmt: skip
-    if max_images is None:
-        return fold
-    return {
-        part: idx[stratified_subset(splits["labels"][idx], round(max_images * QUICK_SHARES[part]), seed)]
-        for part, idx in fold.items()
-    }
-
-
-def choose_folds(splits: dict, cv: CrossValidation) -> list[tuple[int, int]]:
-    """The (root split, nested split) pairs to run: one fold, or the first n of each level (None: every one)."""
-    k_root, k_nested = len(splits["root_splits"]), len(splits["root_splits"][0]["nested"])
-    if (cv.root_split is None) != (cv.nested_split is None):
-        raise SystemExit("cv.root_split and cv.nested_split go together: set both to run one fold, or neither.")
-    if cv.root_split is not None:
-        if not (0 <= cv.root_split < k_root and 0 <= cv.nested_split < k_nested):
-            raise SystemExit(
-                f"Fold ({cv.root_split}, {cv.nested_split}) (cv.root_split, cv.nested_split) is not in "
-                f"{splits['path']}, which has {k_root} root x {k_nested} nested splits (numbered from 0)."
-            )
-        return [(cv.root_split, cv.nested_split)]
-    counts = []
-    for key, value, available in (("cv.n_root_splits", cv.n_root_splits, k_root),
-                                  ("cv.n_nested_splits", cv.n_nested_splits, k_nested)):  # fmt: skip
-        count = available if value is None else value
-        if not 1 <= count <= available:
-            raise SystemExit(
-                f"{key} = {value}: give a number from 1 to {available}, or None for all ({splits['path']})."
-            )
-        counts.append(count)
-    return [(root, nested) for root in range(counts[0]) for nested in range(counts[1])]
-
-
-class PetImages(Dataset):
-    """Images and cat labels; AutoAugment on the fly when `augment` is on, seeded per sample and epoch."""
-
-    def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, augment: bool, seed: int) -> None:
-        self.paths, self.labels, self.image_size = paths, labels, image_size
-        self.augment = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET) if augment else None
-        self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        self.seed = seed
-        self.epoch = 0  # set by the training loop; workers are started per epoch, so each gets the current one
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = load_image(self.paths[index], self.image_size)
-        if self.augment is not None:
-            # The random draws depend on (seed, epoch, index) only, not on which worker process makes them or
-            # when: the augmentation, and so the result, is the same for any --num-workers.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-                image = self.augment(image)
-        image = self.normalize(image.float() / 255)
-        return image, torch.tensor(float(self.labels[index]))
-
-
-def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int
-) -> DataLoader:
-    """A DataLoader; with num_workers > 0, worker processes decode and augment while the model trains.
-
-    Its own seeded generator makes the shuffling order a function of the seed alone."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=runs.ignore_stop_signals,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model
-class PetClassifier(nn.Module):
-    """An ImageNet backbone without its classifier, and a new head that outputs one logit (cat)."""
-
-    def __init__(self, backbone: nn.Module, n_features: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images)).squeeze(1)
-
-
-def build_model(settings: Model) -> PetClassifier:
-    """The backbone (ImageNet weights when settings.pretrained) with its classifier replaced by our head."""
-    weights = torchvision.models.get_model_weights(settings.backbone).DEFAULT if settings.pretrained else None
-    try:
-        backbone = torchvision.models.get_model(settings.backbone, weights=weights)
-    except (urllib.error.URLError, OSError) as error:
-        raise SystemExit(
-            f"Could not download the ImageNet weights of {settings.backbone} ({error}): offline, "
-            f"run with --quick (no pretrained weights), or copy {Path(weights.url).name} into "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'} and run again."
-        ) from None
-    classifier = "classifier" if hasattr(backbone, "classifier") else "fc"  # DenseNet vs ResNet naming
-    n_features = getattr(backbone, classifier).in_features
-    setattr(backbone, classifier, nn.Identity())
-    return PetClassifier(backbone, n_features, settings.head_hidden, settings.dropout)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Train and evaluate
-def train_one_epoch(
-    model: PetClassifier,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device,
-    freeze_backbone: bool,
-    epoch: int,
-) -> float:
-    """One pass over the training images; log every step's loss to the active run; return the mean loss."""
-    model.train()
-    if freeze_backbone:
-        model.backbone.eval()  # frozen means frozen: BatchNorm running statistics must not move either
-    loss_fn = nn.BCEWithLogitsLoss()
-    total, count, losses = 0.0, 0, []
-    for images, labels in tqdm(loader, desc="  batches", unit="batch", leave=False, disable=None):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(labels)
-        count += len(labels)
-        losses.append(loss.item())
-        runs.check_stop()
-    runs.log_step_losses(losses, first_step=(epoch - 1) * len(loader))
-    return total / count
-
-
-@torch.no_grad()
-def predict(model: PetClassifier, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, float]:
-    """Cat probabilities for every image of the loader, in order, and the mean loss."""
-    model.eval()
-    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
-    scores, total = [], 0.0
-    for images, labels in loader:
-        runs.check_stop()
-        logits = model(images.to(device, non_blocking=True))
-        total += loss_fn(logits, labels.to(device, non_blocking=True)).item()
-        scores.append(torch.sigmoid(logits).cpu().numpy())
-    return np.concatenate(scores), total / len(loader.dataset)
-
-
-def fit_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The score threshold that maximises Youden's J = sensitivity + specificity − 1 on these labels."""
-    fpr, tpr, thresholds = roc_curve(labels, scores)
-    best = 1 + np.argmax(tpr[1:] - fpr[1:])  # skip the first point: its threshold is +inf (nothing predicted cat)
-    return float(thresholds[best])
-
-
-def train_phase(
-    name: str,
-    model: PetClassifier,
-    loaders: dict[str, DataLoader],
-    optimizer: torch.optim.Optimizer,
-    epochs: int,
-    patience: int,
-    device: torch.device,
-    best: dict,
-    report: Callable[[int, float], None] | None = None,
-) -> None:
-    """Train for up to `epochs`, keep the state with the best dev ROC AUC in `best`, stop after `patience` misses.
-
-    `report(epoch, dev_roc_auc)` is called after every epoch: a search's pruner may stop the trial there."""
-    dev_labels = loaders["dev"].dataset.labels
-    misses = 0
-    for epoch in (bar := tqdm(range(1, epochs + 1), desc=name, unit="epoch")):
-        loaders["train"].dataset.epoch = epoch
-        train_loss = train_one_epoch(
-            model, loaders["train"], optimizer, device, freeze_backbone=name == "warmup", epoch=epoch
-        )
-        dev_scores, dev_loss = predict(model, loaders["dev"], device)
-        dev_auc = roc_auc_score(dev_labels, dev_scores)
-        mlflow.log_metrics({"epoch_train_loss": train_loss, "dev_loss": dev_loss, "dev_roc_auc": dev_auc}, step=epoch)
-        bar.set_postfix(train_loss=f"{train_loss:.3f}", dev_loss=f"{dev_loss:.3f}", dev_roc_auc=f"{dev_auc:.3f}")
-        if report is not None:
-            report(epoch, dev_auc)
-        if dev_auc > best.get("dev_roc_auc", -1.0):
-            best.update(
-                dev_roc_auc=dev_auc,
-                phase=name,
-                epoch=epoch,
-                state={k: v.detach().clone() for k, v in model.state_dict().items()},
-            )
-            misses = 0
-        else:
-            misses += 1
-            if misses >= patience:
-                tqdm.write(f"{name}: no better dev ROC AUC for {patience} epochs, stopping early")
-                break
-    model.load_state_dict(best["state"])
-
-
-def fit(
-    model: PetClassifier,
-    loaders: dict[str, DataLoader],
-    settings: Training,
-    device: torch.device,
-    report: Callable[[int, float], None] | None = None,
-) -> dict:
-    """Warm up the head on the frozen backbone, then fine-tune everything; return the best state found.
-
-    `report(epoch, dev_roc_auc)` gets every epoch's dev ROC AUC, fine-tuning epochs counted after the warm-up's."""
-    best: dict = {}
-    model.backbone.requires_grad_(False)
-    head_optimizer = torch.optim.AdamW(
-        model.head.parameters(), lr=settings.warmup_lr, weight_decay=settings.warmup_weight_decay
-    )
-    warmup_loaders, epochs = {**loaders, "train": loaders["warmup"]}, settings.warmup_epochs
-    with runs.tracked_run(run_name="warmup", nested=True, tags={"run_level": "phase", "phase": "warmup"}):
-        mlflow.log_params({"lr": settings.warmup_lr, "max_epochs": settings.warmup_epochs, "trainable": "head"})
-        train_phase("warmup", model, warmup_loaders, head_optimizer, epochs, epochs, device, best, report)
-    model.backbone.requires_grad_(True)
-    all_optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.finetune_lr, weight_decay=settings.finetune_weight_decay
-    )
-    after_warmup = None if report is None else lambda epoch, auc: report(settings.warmup_epochs + epoch, auc)
-    with runs.tracked_run(run_name="finetune", nested=True, tags={"run_level": "phase", "phase": "finetune"}):
-        mlflow.log_params({"lr": settings.finetune_lr, "max_epochs": settings.finetune_epochs, "trainable": "all"})
-        train_phase(
-            "finetune", model, loaders, all_optimizer, settings.finetune_epochs, settings.patience, device, best,
-            after_warmup,
-        )  # fmt: skip
-    return best
-
-
-def predictions_table(paths: list[Path], labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-    """One row per image: file name, label (1 = cat) and predicted cat probability."""
-    return pd.DataFrame({"file": [p.name for p in paths], "label": labels, "score": scores})
-
-
-def log_outputs(model: PetClassifier, loaders: dict[str, DataLoader], scores: dict) -> None:
-    """Prediction tables and the kept model, as an MLflow model that loads without this code, on the active run."""
-    for name in ("dev", "test"):
-        table = predictions_table(loaders[name].dataset.paths, loaders[name].dataset.labels, scores[name])
-        # CSV keeps every bit of the scores; log_table's JSON keeps 10 decimals, too few for a bit-for-bit check
-        mlflow.log_text(table.to_csv(index=False), f"predictions/{name}_predictions.csv")
-    example = torch.stack([loaders["test"].dataset[i][0] for i in range(2)])
-    mlflow.pytorch.log_model(  # serialised with torch.export: no pickle, no PetClassifier needed to load it
-        copy.deepcopy(model).cpu().eval(),
-        name="model",
-        input_example=example.numpy(),  # also gives the signature the UI shows
-        pip_requirements=[f"torch=={version('torch')}"],  # inferring them instead costs seconds per run
-        validate_serving_input=False,  # a reload and prediction; analyze_predictions.py checks far more
-    )
-
-
-def make_loaders(
-    paths: list[Path],
-    labels: np.ndarray,
-    split: dict[str, np.ndarray],
-    config: Config,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> dict[str, DataLoader]:
-    """Loaders for the parts the split has: a split without "test" gives no test loader."""
-
-    def subset(part: str, augment: bool) -> PetImages:
-        return PetImages(
-            [paths[i] for i in split[part]], labels[split[part]], config.data.image_size, augment, args.seed
-        )
-
-    return {
-        name: make_loader(
-            subset(part, augment), config.training.batch_size, shuffle, args.num_workers, device, args.seed
-        )
-        for name, part, augment, shuffle in (
-            ("warmup", "train", False, True),  # the frozen warm-up sees the images unaugmented
-            ("train", "train", True, True),
-            ("dev", "dev", False, False),
-            ("test", "test", False, False),
-        )
-        if part in split
-    }
-
-
-def train_and_evaluate(
-    paths: list[Path],
-    labels: np.ndarray,
-    split: dict[str, np.ndarray],
-    config: Config,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> dict:
-    """Train on the split's train images, early-stop and fit the threshold on dev, evaluate once on test."""
-    loaders = make_loaders(paths, labels, split, config, args, device)
-    log_image_lists({name: loader.dataset.paths for name, loader in loaders.items()})
-    model = build_model(config.model).to(device)
-    with nondeterminism_reported(device):
-        best = fit(model, loaders, config.training, device)
-        scores = {name: predict(model, loaders[name], device)[0] for name in ("dev", "test")}
-    results = {
-        "threshold": fit_threshold(loaders["dev"].dataset.labels, scores["dev"]),
-        "dev_roc_auc": best["dev_roc_auc"],
-        "test_roc_auc": roc_auc_score(loaders["test"].dataset.labels, scores["test"]),
-        "best_phase": best["phase"],
-        "best_epoch": best["epoch"],
-    }
-    mlflow.log_metrics({key: results[key] for key in ("dev_roc_auc", "test_roc_auc", "threshold")})
-    mlflow.set_tags({"best_phase": best["phase"], "best_epoch": str(best["epoch"])})
-    log_outputs(model, loaders, scores)
-    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Hyper-parameter search: one Optuna study per fold, on the fold's train and dev images only
-def sampler(search: Search, seed: int, fold: tuple[int, int], slot: int) -> optuna.samplers.BaseSampler:
-    """The sampler for the fold's `slot`-th trial (search.sampler), seeded from the seed, the fold and the slot.
+def sampler(search: settings.Search, seed: int, fold: tuple[int, int], slot: int) -> optuna.samplers.BaseSampler:
+    """The sampler for the fold's `slot`-th trial, seeded from the seed, the fold and the slot.
 
     Optuna does not store a sampler's random state: a sampler seeded once per process would draw other values
     after a resume. Seeded per trial, a resumed or shared search draws what one uninterrupted process draws."""
-    return make_sampler(search, seed=int(np.random.SeedSequence([seed, *fold, slot]).generate_state(1)[0]))
+    return settings.make_sampler(search, seed=int(np.random.SeedSequence([seed, *fold, slot]).generate_state(1)[0]))
 
 
 def search(
@@ -479,33 +74,33 @@ def search(
     paths: list[Path],
     labels: np.ndarray,
     split: dict[str, np.ndarray],
-    config: Config,
+    config: settings.Config,
     args: argparse.Namespace,
     device: torch.device,
 ) -> optuna.trial.FrozenTrial:
-    """Run trials, each in its own MLflow run, until the study has search.n_trials finished ones; return the best."""
+    """Run trials, each in its own MLflow run, until the study has the finished ones asked for; return the best."""
     search_split = {part: split[part] for part in ("train", "dev")}  # the fold's test images never reach a trial
 
     def objective(trial: optuna.Trial) -> float:
-        trial_config = resolve(config, drawn_by(trial))  # each hyper-parameter drawn, in the order declared
-        params = trial.params
+        trial_config = settings.resolve(config, settings.drawn_by(trial))  # each hyper-parameter drawn, in order
+        params, trial_settings = trial.params, settings.as_settings(trial_config)
         tags = {"run_level": "trial", "trial_number": str(trial.number)}
         with runs.tracked_run(run_name=f"trial-{trial.number}", nested=True, tags=tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params(params)
-            mlflow.log_text(dumps(trial_config), "config/resolved_config.json")  # every value this trial used
+            mlflow.log_text(settings.dumps(trial_config), "config/resolved_config.json")  # every value it used
             # Common random numbers: every trial (and the refit) starts from the same seeded state, so trials
             # differ only by their hyper-parameters, and the refit retraces the best trial bit for bit.
             seed_everything(args.seed, args.deterministic, args.num_threads)
-            loaders = make_loaders(paths, labels, search_split, trial_config, args, device)
-            model = build_model(trial_config.model).to(device)
+            loaders = make_loaders(paths, labels, search_split, trial_settings, args, device)
+            model = build_model(trial_settings).to(device)
 
             def report(epoch: int, dev_auc: float) -> None:
                 trial.report(dev_auc, epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"dev ROC AUC {dev_auc:.3f} after epoch {epoch}: below the median")
 
-            best = fit(model, loaders, trial_config.training, device, report)
+            best = fit(model, loaders, trial_settings, device, report)
             mlflow.log_metric("dev_roc_auc", best["dev_roc_auc"])
         return best["dev_roc_auc"]
 
@@ -516,107 +111,41 @@ def search(
 
 
 # ----------------------------------------------------------------------------------------------------------
-def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer from low to high, so a bad value is one sentence that names the flag."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(
-                f"{value} is out of range: give a whole number from {low}"
-                + (f" to {high}" if high is not None else " up")
-            )
-        return value
-
-    return parse
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags: which experiment (a config file, or a logged run) and how to run it."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the config file config_quick.py: smoke size for a CPU (small backbone, no pretrained weights, 64 px, "
-        "at most 600 images, few epochs)",
+        help="smoke size for a CPU: small backbone, no pretrained weights, 64 px, at most 600 images, few epochs",
     )
     parser.add_argument(
         "--config",
         type=Path,
-        help=f"the experiment's config file, Python that runs as code (run only files you trust); None: {CONFIG.name} "
-        f"beside this (with --quick: {QUICK_CONFIG.name})",
+        help="config file (default config.py), Python that runs as code (run only files you trust)",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="change one setting of the config for this run, e.g. --set training.batch_size=16 (repeatable)",
-    )
-    parser.add_argument(
-        "--from-run",
-        metavar="RUN_ID",
-        help="run a logged step-5 root run again from its record (config, split file, seed, threads) and say "
-        "whether the result is identical",
-    )
-    parser.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda", "mps"],
-        default="auto",
-        help="auto: CUDA, then MPS, then CPU",
-    )
-    parser.add_argument(
-        "--num-workers",
-        type=int_in(0),
-        help="DataLoader worker processes; when not given, 0 on a CPU (workers would compete with the model for "
-        "the cores) and 4 on a GPU (it needs images faster than one process decodes them)",
-    )
-    parser.add_argument(
-        "--seed",
-        type=int_in(0, 2**32 - 1),
-        help=f"seed of the weights, augmentation and search; None: {DEFAULT_SEED}, or with --from-run the run's",
-    )
-    parser.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        help="deterministic algorithms only (bit-for-bit reruns; on a GPU somewhat slower); None: on, or with "
-        "--from-run as the run was",
-    )
-    parser.add_argument(
-        "--num-threads",
-        type=int_in(1),
-        help=f"torch CPU threads (another count, other bits); None: {os.cpu_count()} (the cores), or with "
-        "--from-run the run's",
-    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. training.batch_size=16")
+    parser.add_argument("--from-run", metavar="RUN_ID", help="rerun a logged root run; says if it came back")
+    common.add_device_flags(parser)
+    common.add_seed_flags(parser, DEFAULT_SEED, when_not_given="; not given: the run's with --from-run, else {default}")
     return parser.parse_args(argv)
 
 
 def run_fold(
     fold: tuple[int, int],
     splits: dict,
-    config: Config,
+    config: settings.Config,
     args: argparse.Namespace,
     device: torch.device,
     key: str,
     study_name: str,
 ) -> dict | None:
     """Search, refit and evaluate one fold in its own MLflow run; its completion tag is the last thing written."""
-    root_split, nested_split = fold
     # Every fold starts from the same seeded state, so its result does not depend on which folds ran before it
     # in this process: a resumed experiment gives the same per-fold numbers as an uninterrupted one.
     seed_everything(args.seed, args.deterministic, args.num_threads)
-    parts = fold_indices(splits, root_split, nested_split, config.data.max_images, args.seed)
-    tags = {"run_level": "fold", "root_split_id": str(root_split), "nested_split_id": str(nested_split)}
-    with (
-        runs.tracked_run(run_name=f"fold-{root_split}-{nested_split}", nested=True, tags=tags) as fold_run,
-        resume.heartbeat(fold_run.info.run_id),  # with a tracking server: tells other hosts this worker is alive
-    ):
-        mlflow.set_tags({"run_key": key, **resume.owner_tags()})
+    parts = fold_indices(splits, fold, config.data.max_images, config.data.shares, args.seed)
+    with resume.fold_run(fold, key):
         mlflow.log_params(
             {
                 "seed": args.seed,
@@ -625,180 +154,102 @@ def run_fold(
                 **{f"n_{name}": len(parts[name]) for name in ("train", "dev", "test")},
             }
         )
-        study = studies.open_study(config.search.storage, study_name, make_pruner(config.search))
+        study = studies.open_study(config.search.storage, study_name, settings.make_pruner(config.search))
         mlflow.set_tag("optuna_study", study_name)
         best = search(study, fold, splits["files"], splits["labels"], parts, config, args, device)
         refit_claim = studies.claim_refit(study)  # several workers: exactly one of them refits the fold
         if refit_claim is None:
-            print(f"fold {root_split}/{nested_split}: search complete, refitted by another process")
+            print(f"fold {fold[0]}/{fold[1]}: search complete, refitted by another process")
             return None
         mlflow.log_params(best.params)  # the chosen hyper-parameters
         tags = {"run_level": "refit", "best_trial_number": str(best.number)}
         with runs.tracked_run(run_name="refit", nested=True, tags=tags) as refit:
             mlflow.log_params(best.params)
-            refit_config = resolve(config, taken_from(best.params))  # each hyper-parameter at its chosen value
-            mlflow.log_text(dumps(refit_config), "config/resolved_config.json")
+            refit_config = settings.resolve(config, settings.taken_from(best.params))  # each at its chosen value
+            mlflow.log_text(settings.dumps(refit_config), "config/resolved_config.json")
             seed_everything(args.seed, args.deterministic, args.num_threads)  # the state every trial started from
-            results = train_and_evaluate(splits["files"], splits["labels"], parts, refit_config, args, device)
+            results = train_and_evaluate(
+                splits["files"], splits["labels"], parts, settings.as_settings(refit_config), args, device
+            )
         mlflow.log_metrics({name: results[name] for name in ("dev_roc_auc", "test_roc_auc", "threshold")})
         # The refit trains exactly as the best trial did, so it must reach exactly the same dev ROC AUC.
-        difference = results["dev_roc_auc"] - best.value
-        mlflow.log_metric("refit_dev_roc_auc_difference", difference)
-        mlflow.set_tags({"refit_run_id": refit.info.run_id, "best_trial_number": str(best.number)})
-        mlflow.set_tag("refit_check", "identical" if difference == 0 else "differs")
-        if difference != 0:
-            print(
-                f"WARNING fold {root_split}/{nested_split}: the refit reached dev ROC AUC {results['dev_roc_auc']:.6f}"
-                f", the best trial {best.value:.6f}: training is not bit-for-bit reproducible here (nondeterministic "
-                "kernels, --no-deterministic?), so the test result is of a model the search never saw.",
-                file=sys.stderr,
-            )
+        studies.check_refit(fold, best, results["dev_roc_auc"], refit.info.run_id)
         mlflow.set_tag("fold_complete", "true")  # the last action: FINISHED alone does not prove completion
         studies.refit_done(study, refit_claim, results["dev_roc_auc"])
     print(
-        f"fold {root_split}/{nested_split} complete: trial {best.number} chosen ({studies.brief(best.params)}); "
+        f"fold {fold[0]}/{fold[1]} complete: trial {best.number} chosen ({studies.brief(best.params)}); "
         f"refit dev ROC AUC {results['dev_roc_auc']:.3f}, test ROC AUC {results['test_roc_auc']:.3f}"
     )
     return results
 
 
-def load_experiment(args: argparse.Namespace) -> tuple[Config, list[Path], reproduce.Original | None]:
-    """The experiment: a config file with the --set overrides, or a logged run's record (--from-run); the config
-    files read; the original run. Fills in the seed, determinism and threads the command line left open."""
-    original, files = None, []
-    if args.from_run is not None:  # even "" (an unset shell variable): fetch refuses it
-        if args.quick or args.config:
-            raise SystemExit("--from-run takes the experiment from the run's record: give it without --quick/--config.")
-        original = reproduce.fetch(args.from_run, EXPERIMENT)
-        source = f"run {args.from_run}'s config/resolved_config.json"
-        config = from_json(original.config, source)  # JSON is data: nothing fetched from a server is executed
-        config = apply_overrides(config, args.set, source)
-        config = replace(config, data=replace(config.data, split_file=str(original.split_file)))
-    elif args.quick and args.config:
-        raise SystemExit("--quick means --config step_5/config_quick.py: give one of them, not both.")
-    else:
-        config, files = load(args.config or (QUICK_CONFIG if args.quick else CONFIG), args.set)
-    recorded = {} if original is None else vars(original)
-    for name, default in (("seed", DEFAULT_SEED), ("deterministic", True), ("num_threads", os.cpu_count())):
-        if getattr(args, name) is None:
-            setattr(args, name, recorded.get(name, default))
-    return config, files, original
-
-
 def main(argv: list[str] | None = None) -> None:
     """Train and evaluate the chosen folds of the split file, each in its own MLflow run under one root run."""
     args = parse_args(argv)
-    config, config_files, original = load_experiment(args)  # a bad config stops here, before any work
-    studies.open_storage(config.search.storage)  # and so does a bad storage
-    device = pick_device(args.device)
-    if args.num_workers is None:
-        args.num_workers = 0 if device.type == "cpu" else 4
+    config, config_files, original = reproduce.load_experiment(args, CONFIG, QUICK_CONFIG, EXPERIMENT, DEFAULT_SEED)
+    studies.open_storage(config.search.storage)  # a bad config or storage stops here, before any work
+    device = common.pick_device(args)  # and --num-workers, when not given, for that device
     seed_everything(args.seed, args.deterministic, args.num_threads)
-    runs.install_stop_handlers()  # Ctrl-C and SIGTERM end the runs KILLED instead of leaving them RUNNING
     started = time.perf_counter()
 
-    data_dir = Path(config.data.data_dir)
-    folder = dataset_folder(data_dir)
+    folder = dataset_folder(Path(config.data.data_dir))
     is_standin = warn_if_standin(folder)
     paths, labels = read_annotations(folder)
     paths, labels = drop_undecodable(paths, labels, config.data.image_size)
-    split_file = Path(config.data.split_file or data_dir / "dataset_splits.json")
-    if not split_file.is_file():
-        raise SystemExit(
-            f"No split file at {split_file}: make it with `python step_5/make_dataset_splits.py "
-            f"--data-dir {data_dir}` (or set data.split_file to one)."
-        )
+    split_file = Path(config.data.split_file or folder.parent / "dataset_splits.json")
     labels_by_file = {p.relative_to(folder).as_posix(): int(y) for p, y in zip(paths, labels, strict=True)}
     splits = load_splits(split_file, folder, labels_by_file)  # stops with one sentence on a leaking or stale file
-    folds = choose_folds(splits, config.cv)
-    space = search_space(config)
-    # What decides the results: the config but for where its files are, which folds run, the budget and storage
-    recipe = replace(
-        config,
-        data=replace(config.data, data_dir="", split_file=None),
-        cv=None,
-        search=replace(config.search, n_trials=0, storage=""),
-    )
-    # A rerun is also keyed by what its verdict depends on: the packages, the hardware and the thread count
-    rerun_of = None if original is None else (args.from_run, reproduce.environment(device))
+    cv = config.cv
+    folds = choose_folds(splits, cv.n_root_splits, cv.n_nested_splits, (cv.root_split, cv.nested_split), CONFIG_KEYS)
+    space = settings.search_space(config)
+    # What decides the results: the split file, seed, determinism, config, device, threads and the code
     code = code_digest(Path(__file__).resolve().parent)
     machine = (str(device), args.num_threads)  # another device or thread count adds floats in another order
+    rerun = reproduce.rerun_of(original, device)  # a rerun: the run it reruns, the packages and the hardware
     search_key = resume.run_key(
-        splits["digest"], args.seed, args.deterministic, to_json(recipe), machine, code, rerun_of
+        splits["digest"], args.seed, args.deterministic, settings.recipe(config), machine, code, rerun
     )
     key = resume.run_key(search_key, config.search.n_trials)  # more trials later: a new root run, the same studies
     print(
         f"{len(folds)} fold(s) of {split_file}, {config.search.n_trials} trials each | {config.model.backbone} at "
         f"{config.data.image_size} px on {device} | Optuna studies in {config.search.storage}"
     )
-    differences = [] if original is None else reproduce.environment_differences(original, CONFIG.parent, device)
-    for difference in differences:
-        print(f"WARNING not as in run {args.from_run}: {difference}", file=sys.stderr)
+    differences = reproduce.warn_differences(original, CONFIG.parent, device)
+
+    def record() -> None:  # what defines the root run, written once, when it is new
+        mlflow.set_tags({"split_file": str(split_file), "split_file_digest": splits["digest"]})
+        mlflow.log_params(
+            {
+                **settings.flat_settings(config),  # every fixed setting; each fold logs the values its search chose
+                "config": f"run {args.from_run}" if original else str(config_files[0]),
+                "seed": args.seed,
+                "deterministic": args.deterministic,
+                "device": str(device),
+                "k_root": len(splits["root_splits"]),
+                "k_nested": len(splits["root_splits"][0]["nested"]),
+            }
+        )
+        digest = splits["meta"]["dataset_digest"]  # load_splits just checked it against the data
+        log_provenance(Path(__file__).resolve().parent, device, folder, splits["files"], is_standin, digest)
+        mlflow.log_artifact(str(split_file), "splits")
+        settings.log_config(config, config_files, args.set)  # its files, the resolved config, the search space
+        reproduce.log_original(original, differences)  # a rerun: the run it reproduces, how its environment differs
+        pruner = {config.search.pruner: config.search.pruner_options}
+        studies.log_setup(space, config.search.sampler, pruner, config.search.n_trials, config.search.storage)
 
     experiment_id = runs.use_experiment(EXPERIMENT)
-    done = resume.completed_folds(experiment_id, key)
-    if original and reproduce.already_reproduced(experiment_id, key, folds, done):
+    if reproduce.already_reproduced(original, experiment_id, key, folds):
         return  # this very rerun was made before: its verdict is printed, nothing is rerun
-    claim = f"{EXPERIMENT}-root-{key}"  # of workers that start together, the one that claims this starts the root
-    try:
-        with resume.root_run(
-            experiment_id,
-            key,
-            f"{config.model.backbone}-seed{args.seed}",
-            lambda: studies.claim(config.search.storage, claim),
-        ) as (root, new):
-            if new:  # record what defines the root once (a param cannot change later)
-                mlflow.set_tags({"split_file": str(split_file), "split_file_digest": splits["digest"]})
-                mlflow.log_params(
-                    {
-                        **flat_settings(config),  # every fixed setting; each fold logs the values its search chose
-                        "config": f"run {args.from_run}" if original else str(config_files[0]),
-                        "seed": args.seed,
-                        "deterministic": args.deterministic,
-                        "device": str(device),
-                        "k_root": len(splits["root_splits"]),
-                        "k_nested": len(splits["root_splits"][0]["nested"]),
-                    }
-                )
-                digest = splits["meta"]["dataset_digest"]  # load_splits just checked it against the data
-                log_provenance(Path(__file__).resolve().parent, device, folder, splits["files"], is_standin, digest)
-                mlflow.log_artifact(str(split_file), "splits")
-                for path in config_files:  # the config file as written (and the config files it builds on)
-                    mlflow.log_artifact(str(path), "config")
-                mlflow.log_text(dumps(config), "config/resolved_config.json")  # what --from-run reads back
-                mlflow.log_dict(space, "config/search_space.json")
-                mlflow.set_tag("config_overrides", " ".join(args.set) or "none")
-                if original:
-                    mlflow.set_tag("reproduces", args.from_run)
-                    mlflow.log_dict({"differences": differences}, "reproduction/environment.json")
-                search_setup = {
-                    "search_space": space,
-                    "sampler": f"{config.search.sampler}, seeded per trial from (seed, root split, nested split, slot)",
-                    "pruner": {config.search.pruner: config.search.pruner_options},
-                    "n_trials": config.search.n_trials,
-                    "storage": studies.describe(config.search.storage),
-                }
-                mlflow.log_dict(search_setup, "search/search_setup.json")
-                mlflow.set_tag("optuna_storage", studies.describe(config.search.storage))
-                mlflow.set_tag("root_record", "complete")  # the last: a root is reopened only with its whole record
-            for fold in folds:
-                if fold in done:
-                    print(f"fold {fold[0]}/{fold[1]} already complete: skipped")
-                    continue
-                name = f"{EXPERIMENT}-split-{splits['digest'][:8]}-fold-{fold[0]}-{fold[1]}-{search_key[:8]}"
-                run_fold(fold, splits, config, args, device, key, name)
-            if original:
-                reproduce.judge(original, root.info.run_id, list(space), args.set)
-            mlflow.set_tag("run_complete", "true")  # every fold this command asked for is complete
-    except runs.StopRequested:
-        raise SystemExit(
-            f"Stopped by a signal: run {root.info.run_id} and its open fold and phase runs were marked KILLED; "
-            "the same command resumes, skipping the completed folds and keeping the finished trials."
-        ) from None
+    first = studies.claimer(config.search.storage, f"{EXPERIMENT}-root-{key}")  # of workers started together, one
+    with resume.root_run(experiment_id, key, f"{config.model.backbone}-seed{args.seed}", record, first) as root:
+        for fold in resume.pending(experiment_id, key, folds):  # a rerun skips the completed folds
+            name = f"{EXPERIMENT}-split-{splits['digest'][:8]}-fold-{fold[0]}-{fold[1]}-{search_key[:8]}"
+            run_fold(fold, splits, config, args, device, key, name)
+        reproduce.judge(original, root.info.run_id, list(space), args.set)  # a rerun: was the result the same?
+        mlflow.set_tag("run_complete", "true")  # every fold this command asked for is complete
 
     print(f"{len(folds)} fold(s) complete in {time.perf_counter() - started:.0f} s")
-    print(f"Tracking URI: {mlflow.get_tracking_uri()}\nRoot run: {root.info.run_id}")
-    print(f"View it: {runs.where_to_view(experiment_id, root.info.run_id)}")
+    runs.print_where(experiment_id, root.info.run_id)
     print(f"Next: {Path(sys.executable).name} step_5/analyze_predictions.py")
 
 

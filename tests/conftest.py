@@ -104,12 +104,13 @@ def logged_predictions(client: mlflow.MlflowClient, run_id: str, folder: Path) -
 
 def scramble_test_split(train: object, root: int, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The leak guard of steps 3 to 5: in `train` (a step's train module), every test label of outer fold `root`
-    is flipped and every test image read as one noise image (written in folder). A decision that reads nothing of
-    the test split (trials, pruning, the best trial, the refit's early stopping, the threshold) stays bit for bit
-    the same; only the test metrics move."""
+    is flipped, and in its training.py every test image is read as one noise image (written in folder). A decision
+    that reads nothing of the test split (trials, pruning, the best trial, the refit's early stopping, the
+    threshold) stays bit for bit the same; only the test metrics move."""
     noise = folder / "noise.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(noise)
-    real_load_splits, real_load_image, test_files = train.load_splits, train.load_image, set()
+    reader = train.train_and_evaluate.__globals__  # the namespace of the module that reads the images: training.py
+    real_load_splits, real_load_image, test_files = train.load_splits, reader["load_image"], set()
 
     def flipped(*args: object, **kwargs: object) -> dict:
         splits = real_load_splits(*args, **kwargs)
@@ -123,25 +124,10 @@ def scramble_test_split(train: object, root: int, folder: Path, monkeypatch: pyt
         return real_load_image(noise if path in test_files else path, *args, **kwargs)
 
     monkeypatch.setattr(train, "load_splits", flipped)
-    monkeypatch.setattr(train, "load_image", noisy)
+    monkeypatch.setitem(reader, "load_image", noisy)
 
 
-STEP_LOCAL = (
-    "pets",
-    "runs",
-    "provenance",
-    "splits",
-    "resume",
-    "studies",
-    "settings",
-    "config",
-    "config_quick",
-    "reproduce",
-    "report",
-    "train",
-    "analyze_predictions",
-    "make_dataset_splits",
-)
+STEP_LOCAL = tuple(sorted({path.stem for path in REPO.glob("step_*/*.py")}))  # every step-local module name
 
 
 def load_step_module(step: str, name: str):

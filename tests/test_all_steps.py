@@ -4,6 +4,7 @@ numeric flag of every step rejects a bad value with one sentence."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 from pathlib import Path
@@ -19,8 +20,8 @@ STEPS = sorted(p.name for p in REPO.glob("step_*") if p.is_dir())
 LESSONS = {"train.py", "analyze_predictions.py"}  # each step's own lesson: these differ on purpose
 REWRITTEN: dict[tuple[str, str], str] = {  # (step, module) whose idea changes a helper module, and why
     ("step_4", "runs.py"): "a trial stopped by the pruner ends its runs FINISHED, not FAILED",
-    ("step_4", "resume.py"): "several workers share a fold's search: only one of them refits it",
-    ("step_5", "make_dataset_splits.py"): "the image check's size now comes from the quick config file",
+    ("step_4", "resume.py"): "several workers run one experiment, on other hosts too: heartbeats show theirs alive, "
+    "and of workers that start together only the one that claims it starts the root run",
 }
 
 
@@ -40,6 +41,34 @@ def test_helper_modules_are_copied_unchanged_from_the_previous_step():
     assert compared >= 6  # pets and download_data from step 2 on, runs and provenance from step 3 on
 
 
+HOOKED = {  # what of step 2's training core training.py changes, and why (step 3's README names the same)
+    "Settings": "not step 2's dataclass but what the training reads from it: any object with those attributes serves",
+    "train_phase": "a `report` callback after every epoch, for a search's pruner (step 4)",
+    "fit": "the `report` callback, and a weight decay per phase (step 4 searches both)",
+    "train_and_evaluate": "its loaders built by `make_loaders`, which a trial without test images uses too",
+}
+
+
+def top_level_sources(path: Path) -> dict[str, str]:
+    """The source of every top-level function and class of a Python file, by name."""
+    text = path.read_text()
+    return {
+        node.name: ast.get_source_segment(text, node)
+        for node in ast.parse(text).body
+        if isinstance(node, ast.FunctionDef | ast.ClassDef)
+    }
+
+
+@pytest.mark.parametrize("step", [s for s in STEPS if (REPO / s / "training.py").exists()])
+def test_training_py_is_step_2s_training_core_moved_unchanged(step):
+    """Every function and class of step 2's training core is in training.py as it was, but the hooked ones."""
+    before, after = top_level_sources(REPO / "step_2" / "train.py"), top_level_sources(REPO / step / "training.py")
+    shared = sorted(set(before) & set(after))
+    changed = [name for name in shared if before[name] != after[name] and name not in HOOKED]
+    assert not changed, f"{step}/training.py changed step 2's {changed}: keep them as step 2 has them"
+    assert set(HOOKED) <= set(shared) and len(shared) >= 12, shared  # the core is there, hooks and all
+
+
 class TinyImages(Dataset):
     """Random 32 px images with alternating labels, with the attributes the training code reads."""
 
@@ -56,26 +85,32 @@ class TinyImages(Dataset):
         return self.images[index] * 3 + 1, torch.tensor(float(self.labels[index]))  # far from BatchNorm's stats
 
 
-def quick_settings(train) -> tuple[object, object]:
-    """The quick settings with one warm-up epoch and no fine-tuning: for build_model, and for fit. From step 5 on
-    they come from the quick config file, each hyper-parameter at the low end of its range."""
+def training_core(step: str):
+    """The module with the step's training core: train.py in steps 1 and 2, training.py from step 3 on."""
+    return load_step_module(step, "training" if (REPO / step / "training.py").exists() else "train")
+
+
+def quick_settings(step: str) -> object:
+    """The quick settings with one warm-up epoch and no fine-tuning. From step 5 on they come from the quick config
+    file, each hyper-parameter at the low end of its range."""
+    train = load_step_module(step, "train")
     if hasattr(train, "QUICK"):
-        settings = dataclasses.replace(train.QUICK, warmup_epochs=1, finetune_epochs=0)
-        return settings, settings
-    config, _ = train.load(train.QUICK_CONFIG, ["training.warmup_epochs=1", "training.finetune_epochs=0"])
-    config = train.resolve(config, lambda _, hp: hp.choices[0] if hasattr(hp, "choices") else hp.low)
-    return config.model, config.training
+        return dataclasses.replace(train.QUICK, warmup_epochs=1, finetune_epochs=0)
+    settings = load_step_module(step, "settings")
+    config, _ = settings.load(train.QUICK_CONFIG, ["training.warmup_epochs=1", "training.finetune_epochs=0"])
+    config = settings.resolve(config, lambda _, hp: hp.choices[0] if hasattr(hp, "choices") else hp.low)
+    return settings.as_settings(config)
 
 
 @pytest.mark.parametrize("step", STEPS)
 def test_warm_up_keeps_the_frozen_backbone_still(step, tmp_path, monkeypatch):
     """One warm-up epoch through `fit`: the head learns, the backbone's weights and BatchNorm statistics do not
     move (a frozen backbone left in train mode would update its running means)."""
-    train = load_step_module(step, "train")
+    train = training_core(step)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    model_settings, settings = quick_settings(train)
+    settings = quick_settings(step)
     torch.manual_seed(0)
-    model = train.build_model(model_settings)
+    model = train.build_model(settings)
     loaders = {name: DataLoader(TinyImages(16, seed), batch_size=8) for seed, name in enumerate(("warmup", "dev"))}
     loaders["train"] = loaders["warmup"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -103,11 +138,23 @@ BAD_FLAGS = [  # (script, flag, bad value, what the sentence says); each step th
     ("make_dataset_splits.py", "--seed", "-1", "out of range"),
     ("train.py", "--n-trials", "0", "0 is out of range: give a whole number from 1 up"),
 ]
+SHARED_FLAGS = {  # the flags that common.py's helpers add to a script's parser
+    "add_device_flags(": ("--device", "--num-workers"),
+    "add_seed_flags(": ("--seed", "--deterministic", "--num-threads"),
+}
+
+
+def has_flag(script: Path, flag: str) -> bool:
+    """Whether the script defines the flag, itself or through common.py's helpers."""
+    text = script.read_text()
+    return f'"{flag}"' in text or any(adder in text and flag in flags for adder, flags in SHARED_FLAGS.items())
+
+
 CASES = [
     pytest.param(step, *case, id=f"{step}-{case[0]}{case[1]}={case[2]}")
     for step in STEPS
     for case in BAD_FLAGS
-    if (REPO / step / case[0]).exists() and case[1] in (REPO / step / case[0]).read_text()
+    if (REPO / step / case[0]).exists() and has_flag(REPO / step / case[0], case[1])
 ]
 
 

@@ -173,10 +173,9 @@ while time.time() < start:
     time.sleep(0.001)
 experiment_id = runs.use_experiment("race")
 studies.open_study(storage, "race-study", optuna.pruners.NopPruner())
-with resume.root_run(experiment_id, "race-key", "race", lambda: studies.claim(storage, "race-root")) as (root, new):
-    if new:
-        mlflow.set_tag("root_record", "complete")  # as train.py does once the root's record is written
-    print("ROOT", root.info.run_id, new)
+made, first = [], studies.claimer(storage, "race-root")
+with resume.root_run(experiment_id, "race-key", "race", lambda: made.append(1), first) as root:
+    print("ROOT", root.info.run_id, bool(made))
     with mlflow.start_run(nested=True) as child:  # as a fold run: in the active experiment
         print("CHILD", child.info.experiment_id)
 """

@@ -165,7 +165,9 @@ def test_quick_caps_bite_at_full_quick_size(step3, make_standin, tmp_path):
         part: np.array(splits["root_splits"]["1"]["nested_splits"]["3"][f"{part}_indices"]) for part in ("train", "dev")
     }}}}}  # fmt: skip
     labels = np.array([Path(f).name[0].isupper() for f in splits["files"]], dtype=int)  # capitalised breeds: cats
-    expected = step3.train.fold_indices({**loaded, "labels": labels}, 1, 3, step3.train.QUICK.max_images, 0)
+    expected = step3.splits.fold_indices(
+        {**loaded, "labels": labels}, (1, 3), step3.train.QUICK.max_images, step3.train.QUICK_SHARES, 0
+    )
     for part in caps:
         assert lists[part] == [splits["files"][i] for i in expected[part]], part
         share = np.mean(labels[expected[part]])
@@ -257,7 +259,7 @@ def test_dead_pid_sweep_marks_only_dead_processes_on_this_host(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--root-split", "3", "--nested-split", "0"], "Fold (3, 0) is not in"),
+        (["--root-split", "3", "--nested-split", "0"], "Fold (3, 0) (--root-split, --nested-split) is not in"),
         (["--root-split", "1"], "--root-split and --nested-split go together"),
         (["--n-root-splits", "7"], "--n-root-splits 7: give a number from 1 to 3"),
     ],
@@ -338,8 +340,9 @@ def test_quick_caps_of_train_and_dev_read_no_test_label(step3):
     splits = {"labels": labels, "root_splits": {0: {"test": test, "nested": {0: {"train": train, "dev": dev}}}}}
     shuffled = labels.copy()
     shuffled[test] = rng.permutation(labels[test])
-    before = step3.train.fold_indices(splits, 0, 0, cap, 0)
-    after = step3.train.fold_indices({**splits, "labels": shuffled}, 0, 0, cap, 0)
+    shares = step3.train.QUICK_SHARES
+    before = step3.splits.fold_indices(splits, (0, 0), cap, shares, 0)
+    after = step3.splits.fold_indices({**splits, "labels": shuffled}, (0, 0), cap, shares, 0)
     for part in ("train", "dev"):
         assert np.array_equal(after[part], before[part]), f"the {part} subsample depends on the test labels"
     assert not np.array_equal(after["test"], before["test"])
@@ -359,9 +362,9 @@ def test_the_warm_up_moves_the_head_and_nothing_of_the_frozen_backbone(step3, tm
     """One warm-up epoch through fit: the head learns, and not one weight or BatchNorm running statistic of the
     frozen backbone moves (a backbone left in train mode updates its running statistics on every batch: an epoch
     with freeze_backbone off, on the same images, shows that they do move them)."""
-    train = step3.train
+    train = step3.training
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    settings = dataclasses.replace(train.QUICK, warmup_epochs=1, finetune_epochs=0)
+    settings = dataclasses.replace(step3.train.QUICK, warmup_epochs=1, finetune_epochs=0)
     torch.manual_seed(0)
     model = train.build_model(settings)
     loaders = {"warmup": tiny_loader(0), "dev": tiny_loader(1)}
@@ -524,11 +527,13 @@ REMAKE = "regenerate it with python step_3/make_dataset_splits.py"
 
 @pytest.fixture(scope="module")
 def step3() -> SimpleNamespace:
-    """step_3's splits, train, analyze_predictions and make_dataset_splits modules."""
+    """step_3's splits, train, training, analyze_predictions, cv_stats and make_dataset_splits modules."""
     return SimpleNamespace(
         splits=load_step_module("step_3", "splits"),
         train=load_step_module("step_3", "train"),
+        training=load_step_module("step_3", "training"),
         analysis=load_step_module("step_3", "analyze_predictions"),
+        cv_stats=load_step_module("step_3", "cv_stats"),
         make=load_step_module("step_3", "make_dataset_splits"),
     )
 
@@ -733,7 +738,7 @@ def test_load_splits_names_the_fold_or_key_at_fault(step3, standin_split, tmp_pa
 
 def test_load_splits_refuses_missing_and_malformed_files(step3, standin_split, tmp_path):
     args = (standin_split["folder"], standin_split["labels"])
-    with pytest.raises(SystemExit, match=r"no split file there; make it with python step_3/make_dataset_splits.py"):
+    with pytest.raises(SystemExit, match=r"No split file at .*nothing.json: make it with `python step_3/make_dataset_"):
         step3.splits.load_splits(tmp_path / "nothing.json", *args)
     truncated = tmp_path / "truncated.json"
     truncated.write_bytes(standin_split["path"].read_bytes()[:1000])
@@ -808,7 +813,7 @@ T_975 = {1: 12.706204736174698, 3: 3.182446305284263}  # Student t quantiles, fr
 
 
 def test_corrected_interval_by_hand(step3):
-    interval = step3.analysis.corrected_t_interval
+    interval = step3.cv_stats.corrected_t_interval
     result = interval([[0.80], [0.84], [0.82], [0.86]], 0.25)
     variance = (0.03**2 + 0.01**2 + 0.01**2 + 0.03**2) / 3
     half = T_975[3] * math.sqrt((1 / 4 + 0.25) * variance)
@@ -825,21 +830,21 @@ def test_corrected_interval_by_hand(step3):
 
 
 def test_two_outer_folds_warn_and_one_gives_no_interval(step3):
-    analysis = step3.analysis
-    two = analysis.corrected_t_interval([[0.80, 0.82], [0.90]], 0.1)
+    cv_stats, more = step3.cv_stats, step3.analysis.MORE_FOLDS
+    two = cv_stats.corrected_t_interval([[0.80, 0.82], [0.90]], 0.1)
     half = T_975[1] * math.sqrt((1 / 2 + 0.1) * (0.90 - 0.81) ** 2 / 2)  # s² of two values: (a - b)² / 2
     assert (two["low"], two["high"]) == pytest.approx((0.855 - half, 0.855 + half))
-    warning = analysis.interval_warning(2)
+    warning = cv_stats.interval_warning(2, more)
     assert "only 2 outer folds" in warning and "1 degree(s) of freedom" in warning and "t = 12.7" in warning
     assert "--n-root-splits all" in warning
-    one = analysis.corrected_t_interval([[0.80, 0.90]], 0.1)
+    one = cv_stats.corrected_t_interval([[0.80, 0.90]], 0.1)
     assert one["mean"] == pytest.approx(0.85) and math.isnan(one["low"]) and math.isnan(one["high"])
-    assert "no interval" in analysis.interval_warning(1)
-    assert analysis.interval_warning(10) is None
+    assert "no interval" in cv_stats.interval_warning(1, more)
+    assert cv_stats.interval_warning(10, more) is None
 
 
 def test_corrected_paired_t_test_by_hand(step3):
-    test = step3.analysis.corrected_paired_t_test
+    test = step3.cv_stats.corrected_paired_t_test
     result = test([[0.02, 0.04], [0.01], [0.05], [0.00, 0.02]], 0.1)  # outer-fold means 0.03, 0.01, 0.05, 0.01
     variance = (0.005**2 + 0.015**2 + 0.025**2 + 0.015**2) / 3
     se = math.sqrt((1 / 4 + 0.1) * variance)

@@ -447,19 +447,26 @@ def test_every_number_setting_has_bounds(settings):
 
 
 def test_the_smallest_max_images_gives_each_part_of_a_fold_both_classes(settings):
-    """max_images is shared by train.py's QUICK_SHARES and each part drawn stratified: at the bound every part has
-    a cat and a dog, one image fewer and the draw fails (so the bound follows QUICK_SHARES if they change)."""
+    """max_images is shared by the config's data.shares and each part drawn stratified: at the bound every part has
+    a cat and a dog, one image fewer and the draw fails; shares that leave a part under 2 images are refused."""
     import numpy as np
 
-    train = load_step_module("step_5", "train")
+    splits = load_step_module("step_5", "splits")
+    config, _ = settings.load(REPO / "step_5" / "config_quick.py", [])
     labels = (np.random.default_rng(0).random(400) < 0.32).astype(int)  # about as many cats as the pets have
     fold = {"test": np.arange(60), "nested": [{"train": np.arange(60, 340), "dev": np.arange(340, 400)}]}
-    splits = {"labels": labels, "root_splits": [fold]}  # the shape fold_indices reads (splits.load_splits)
+    table = {"labels": labels, "root_splits": [fold]}  # the shape fold_indices reads (splits.load_splits)
     low = settings.ALLOWED["data.max_images"].low
-    parts = train.fold_indices(splits, 0, 0, low, seed=0)
+    parts = splits.fold_indices(table, (0, 0), low, config.data.shares, seed=0)
     assert all(set(labels[part]) == {0, 1} for part in parts.values())
     with pytest.raises(ValueError, match="greater or equal to the number of classes"):
-        train.fold_indices(splits, 0, 0, low - 1, seed=0)
+        splits.fold_indices(table, (0, 0), low - 1, config.data.shares, seed=0)
+    uneven = "data.shares={'train': 0.9, 'dev': 0.05, 'test': 0.05}"  # 5% of 600 images is 30: enough
+    assert settings.load(REPO / "step_5" / "config_quick.py", [uneven])[0].data.shares["dev"] == 0.05
+    with pytest.raises(SystemExit, match=r"data.max_images should be large enough that every part gets 2 images"):
+        settings.load(REPO / "step_5" / "config_quick.py", [uneven, "data.max_images=20"])
+    with pytest.raises(SystemExit, match=r"data.shares should be a share above 0 for each of train, dev and test"):
+        settings.load(REPO / "step_5" / "config_quick.py", ["data.shares={'train': 0.9, 'dev': 0.2, 'test': 0.1}"])
 
 
 def test_every_allowed_backbone_takes_the_new_head_and_64_px_is_enough(settings):
@@ -468,7 +475,7 @@ def test_every_allowed_backbone_takes_the_new_head_and_64_px_is_enough(settings)
     import torch
     import torchvision
 
-    train = load_step_module("step_5", "train")
+    train = load_step_module("step_5", "training")
     assert {"resnet18", "densenet121", "regnet_y_400mf", "shufflenet_v2_x1_0"} <= set(settings.BACKBONES)
     assert not {"googlenet", "inception_v3", "vit_b_16", "efficientnet_b0"} & set(settings.BACKBONES)
 

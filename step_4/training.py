@@ -1,0 +1,347 @@
+"""The training core of step 2, unchanged but for two hooks the later steps need, byte-identical in steps 3 to 5.
+
+Seeding and determinism, the images (AutoAugment seeded per sample and epoch), the model (an ImageNet backbone
+with a new head), the warm-up on the frozen backbone and the fine-tuning with early stopping on dev ROC AUC, the
+threshold fitted on dev, the prediction tables and the logged model: `train_and_evaluate` does it all for one
+split, in the active MLflow run. The two hooks: `report(epoch, dev_roc_auc)`, through which a search's pruner may
+stop a trial (step 4), and a weight decay per phase (step 2 had one for both). The settings are read by name
+(duck typing), so the same code serves step 3's constants, step 4's trial values and step 5's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Protocol
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import common
+import runs
+from pets import IMAGENET_MEAN, IMAGENET_STD, load_image
+from provenance import log_image_lists, nondeterminism_reported
+
+
+class Settings(Protocol):
+    """What the training reads from its settings: any object with these attributes will do."""
+
+    backbone: str  # a torchvision classification model name
+    pretrained: bool  # start from ImageNet weights
+    image_size: int  # images are resized to image_size × image_size
+    batch_size: int
+    warmup_epochs: int  # head only, backbone frozen
+    warmup_lr: float
+    warmup_weight_decay: float
+    finetune_epochs: int  # all layers
+    finetune_lr: float
+    finetune_weight_decay: float
+    patience: int  # fine-tuning stops after this many epochs without a better dev ROC AUC
+    head_hidden: int  # width of the new head's hidden layer
+    dropout: float
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeding and determinism
+def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
+    """Seed Python, NumPy and torch (all devices), fix the thread count, and ask for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA device
+    # torch's CPU matrix products run in Intel MKL, which by default picks its code path by the memory alignment of
+    # each input and may change its thread count from call to call. Its reproducibility mode pins both; MKL reads
+    # these variables at its first call, so main() calls this function before any computation.
+    os.environ.setdefault("MKL_CBWR", "AUTO")
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+    torch.set_num_threads(num_threads)  # float sums are added in a different order with another thread count
+    torch.backends.cudnn.benchmark = False  # benchmark mode picks the fastest kernel, which may differ per run
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible matmuls
+    # warn_only: an op without a deterministic implementation on this device warns instead of stopping the run;
+    # the run reports those ops and is tagged, because such a run is not bit-for-bit reproducible.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling new tensors costs time, adds nothing
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed for one sample's augmentation in one epoch, independent of worker processes and batch order."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+class PetImages(Dataset):
+    """Images and cat labels; AutoAugment on the fly when `augment` is on, seeded per sample and epoch."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, augment: bool, seed: int) -> None:
+        self.paths, self.labels, self.image_size = paths, labels, image_size
+        self.augment = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET) if augment else None
+        self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        self.seed = seed
+        self.epoch = 0  # set by the training loop; workers are started per epoch, so each gets the current one
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = load_image(self.paths[index], self.image_size)
+        if self.augment is not None:
+            # The random draws depend on (seed, epoch, index) only, not on which worker process makes them or
+            # when: the augmentation, and so the result, is the same for any --num-workers.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                image = self.augment(image)
+        image = self.normalize(image.float() / 255)
+        return image, torch.tensor(float(self.labels[index]))
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int
+) -> DataLoader:
+    """A DataLoader; with num_workers > 0, worker processes decode and augment while the model trains.
+
+    Its own seeded generator makes the shuffling order a function of the seed alone."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=runs.ignore_stop_signals,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+class PetClassifier(nn.Module):
+    """An ImageNet backbone without its classifier, and a new head that outputs one logit (cat)."""
+
+    def __init__(self, backbone: nn.Module, n_features: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images)).squeeze(1)
+
+
+def build_model(settings: Settings) -> PetClassifier:
+    """The backbone (ImageNet weights when settings.pretrained) with its classifier replaced by our head."""
+    backbone = common.load_backbone(settings.backbone, settings.pretrained)
+    classifier = "classifier" if hasattr(backbone, "classifier") else "fc"  # DenseNet vs ResNet naming
+    n_features = getattr(backbone, classifier).in_features
+    setattr(backbone, classifier, nn.Identity())
+    return PetClassifier(backbone, n_features, settings.head_hidden, settings.dropout)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train and evaluate
+def train_one_epoch(
+    model: PetClassifier,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    freeze_backbone: bool,
+) -> float:
+    """One pass over the training images; log every step's loss to the active run; return the mean loss."""
+    model.train()
+    if freeze_backbone:
+        model.backbone.eval()  # frozen means frozen: BatchNorm running statistics must not move either
+    loss_fn = nn.BCEWithLogitsLoss()
+    total, count, losses = 0.0, 0, []
+    for images, labels in tqdm(loader, desc="  batches", unit="batch", leave=False, disable=None):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(labels)
+        count += len(labels)
+        losses.append(loss.item())
+        runs.check_stop()
+    runs.log_step_losses(losses, first_step=(epoch - 1) * len(loader))
+    return total / count
+
+
+@torch.no_grad()
+def predict(model: PetClassifier, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, float]:
+    """Cat probabilities for every image of the loader, in order, and the mean loss."""
+    model.eval()
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
+    scores, total = [], 0.0
+    for images, labels in loader:
+        runs.check_stop()
+        logits = model(images.to(device, non_blocking=True))
+        total += loss_fn(logits, labels.to(device, non_blocking=True)).item()
+        scores.append(torch.sigmoid(logits).cpu().numpy())
+    return np.concatenate(scores), total / len(loader.dataset)
+
+
+def fit_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The score threshold that maximises Youden's J = sensitivity + specificity − 1 on these labels."""
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    best = 1 + np.argmax(tpr[1:] - fpr[1:])  # skip the first point: its threshold is +inf (nothing predicted cat)
+    return float(thresholds[best])
+
+
+def train_phase(
+    name: str,
+    model: PetClassifier,
+    loaders: dict[str, DataLoader],
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    patience: int,
+    device: torch.device,
+    best: dict,
+    report: Callable[[int, float], None] | None = None,
+) -> None:
+    """Train for up to `epochs`, keep the state with the best dev ROC AUC in `best`, stop after `patience` misses.
+
+    `report(epoch, dev_roc_auc)` is called after every epoch: a search's pruner may stop the trial there."""
+    dev_labels = loaders["dev"].dataset.labels
+    misses = 0
+    for epoch in (bar := tqdm(range(1, epochs + 1), desc=name, unit="epoch")):
+        loaders["train"].dataset.epoch = epoch
+        train_loss = train_one_epoch(
+            model, loaders["train"], optimizer, device, epoch, freeze_backbone=name == "warmup"
+        )
+        dev_scores, dev_loss = predict(model, loaders["dev"], device)
+        dev_auc = roc_auc_score(dev_labels, dev_scores)
+        mlflow.log_metrics({"epoch_train_loss": train_loss, "dev_loss": dev_loss, "dev_roc_auc": dev_auc}, step=epoch)
+        bar.set_postfix(train_loss=f"{train_loss:.3f}", dev_loss=f"{dev_loss:.3f}", dev_roc_auc=f"{dev_auc:.3f}")
+        if report is not None:
+            report(epoch, dev_auc)
+        if dev_auc > best.get("dev_roc_auc", -1.0):
+            best.update(
+                dev_roc_auc=dev_auc,
+                phase=name,
+                epoch=epoch,
+                state={k: v.detach().clone() for k, v in model.state_dict().items()},
+            )
+            misses = 0
+        else:
+            misses += 1
+            if misses >= patience:
+                tqdm.write(f"{name}: no better dev ROC AUC for {patience} epochs, stopping early")
+                break
+    model.load_state_dict(best["state"])
+
+
+def fit(
+    model: PetClassifier,
+    loaders: dict[str, DataLoader],
+    settings: Settings,
+    device: torch.device,
+    report: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Warm up the head on the frozen backbone, then fine-tune everything; return the best state found.
+
+    `report(epoch, dev_roc_auc)` gets every epoch's dev ROC AUC, fine-tuning epochs counted after the warm-up's."""
+    best: dict = {}
+    model.backbone.requires_grad_(False)
+    head_optimizer = torch.optim.AdamW(
+        model.head.parameters(), lr=settings.warmup_lr, weight_decay=settings.warmup_weight_decay
+    )
+    warmup_loaders, epochs = {**loaders, "train": loaders["warmup"]}, settings.warmup_epochs
+    with runs.tracked_run(run_name="warmup", nested=True, tags={"run_level": "phase", "phase": "warmup"}):
+        mlflow.log_params({"lr": settings.warmup_lr, "max_epochs": settings.warmup_epochs, "trainable": "head"})
+        train_phase("warmup", model, warmup_loaders, head_optimizer, epochs, epochs, device, best, report)
+    model.backbone.requires_grad_(True)
+    all_optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.finetune_lr, weight_decay=settings.finetune_weight_decay
+    )
+    after_warmup = None if report is None else lambda epoch, auc: report(settings.warmup_epochs + epoch, auc)
+    epochs, patience = settings.finetune_epochs, settings.patience
+    with runs.tracked_run(run_name="finetune", nested=True, tags={"run_level": "phase", "phase": "finetune"}):
+        mlflow.log_params({"lr": settings.finetune_lr, "max_epochs": settings.finetune_epochs, "trainable": "all"})
+        train_phase("finetune", model, loaders, all_optimizer, epochs, patience, device, best, after_warmup)
+    return best
+
+
+def predictions_table(paths: list[Path], labels: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """One row per image: file name, label (1 = cat) and predicted cat probability."""
+    return pd.DataFrame({"file": [p.name for p in paths], "label": labels, "score": scores})
+
+
+def log_outputs(model: PetClassifier, loaders: dict[str, DataLoader], scores: dict) -> None:
+    """Prediction tables and the kept model, as an MLflow model that loads without this code, on the active run."""
+    for name in ("dev", "test"):
+        table = predictions_table(loaders[name].dataset.paths, loaders[name].dataset.labels, scores[name])
+        # CSV keeps every bit of the scores; log_table's JSON keeps 10 decimals, too few for a bit-for-bit check
+        mlflow.log_text(table.to_csv(index=False), f"predictions/{name}_predictions.csv")
+    example = torch.stack([loaders["test"].dataset[i][0] for i in range(2)])
+    mlflow.pytorch.log_model(  # serialised with torch.export: no pickle, no PetClassifier needed to load it
+        copy.deepcopy(model).cpu().eval(),
+        name="model",
+        input_example=example.numpy(),  # also gives the signature the UI shows
+        pip_requirements=[f"torch=={version('torch')}"],  # inferring them instead costs seconds per run
+        validate_serving_input=False,  # a reload and prediction; analyze_predictions.py checks far more
+    )
+
+
+def make_loaders(
+    paths: list[Path],
+    labels: np.ndarray,
+    split: dict[str, np.ndarray],
+    settings: Settings,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, DataLoader]:
+    """Loaders for the parts the split has: a split without "test" gives no test loader."""
+
+    def subset(part: str, augment: bool) -> PetImages:
+        return PetImages([paths[i] for i in split[part]], labels[split[part]], settings.image_size, augment, args.seed)
+
+    return {
+        name: make_loader(subset(part, augment), settings.batch_size, shuffle, args.num_workers, device, args.seed)
+        for name, part, augment, shuffle in (
+            ("warmup", "train", False, True),  # the frozen warm-up sees the images unaugmented
+            ("train", "train", True, True),
+            ("dev", "dev", False, False),
+            ("test", "test", False, False),
+        )
+        if part in split
+    }
+
+
+def train_and_evaluate(
+    paths: list[Path],
+    labels: np.ndarray,
+    split: dict[str, np.ndarray],
+    settings: Settings,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict:
+    """Train on the split's train images, early-stop and fit the threshold on dev, evaluate once on test."""
+    loaders = make_loaders(paths, labels, split, settings, args, device)
+    log_image_lists({name: loader.dataset.paths for name, loader in loaders.items()})
+    model = build_model(settings).to(device)
+    with nondeterminism_reported(device):
+        best = fit(model, loaders, settings, device)
+        scores = {name: predict(model, loaders[name], device)[0] for name in ("dev", "test")}
+    results = {
+        "threshold": fit_threshold(loaders["dev"].dataset.labels, scores["dev"]),
+        "dev_roc_auc": best["dev_roc_auc"],
+        "test_roc_auc": roc_auc_score(loaders["test"].dataset.labels, scores["test"]),
+        "best_phase": best["phase"],
+        "best_epoch": best["epoch"],
+    }
+    mlflow.log_metrics({key: results[key] for key in ("dev_roc_auc", "test_roc_auc", "threshold")})
+    mlflow.set_tags({"best_phase": best["phase"], "best_epoch": str(best["epoch"])})
+    log_outputs(model, loaders, scores)
+    return results

@@ -2,15 +2,20 @@
 
 Run from the repository root (needs headless Chromium; on Debian/Ubuntu, as root: `apt-get install -y chromium`):
 
-    .venv/bin/python docs/make_screenshots.py          # 5-10 min on 2 cores; rewrites docs/img/*.png
-    .venv/bin/python docs/make_screenshots.py --keep   # also keep the temporary directory (data, mlflow.db, mlruns/)
-    .venv/bin/python docs/make_screenshots.py --reuse DIR   # photograph a kept directory again, without training
+    .venv/bin/python docs/make_screenshots.py          # ~15 min on 2 idle cores; rewrites docs/img/*.png
+    .venv/bin/python docs/make_screenshots.py --keep   # also keep /tmp/reproai (the checkout, data, mlflow.db, mlruns/)
+    .venv/bin/python docs/make_screenshots.py --reuse /tmp/reproai   # photograph a kept folder again, no training
     .venv/bin/python docs/make_screenshots.py --steps 4     # only step 4's runs and pictures (3 and 5 alike)
 
-In a fresh temporary directory it builds a 300-image stand-in, runs steps 2 to 5 at --quick size with the
-README's commands, and step 5 again with `--from-run` and one setting changed (MLflow's default store,
-./mlflow.db and ./mlruns/, lands there), starts `mlflow ui` on a free port and photographs these pages at
-1600 x 1000 CSS pixels:
+The runs record their command line and paths, so they are made where a learner would make them: in a fresh
+folder with a neutral name (/tmp/reproai, or --work-dir; it must be new or empty) that is a checkout of this
+repository, a local `git clone` of HEAD (its remote removed) with the working tree's files copied over it (git's
+tracked and untracked-not-ignored files: the code as it is now; if that differs from HEAD, the runs record
+git_dirty=true). There, with the checkout as working directory and the steps' README commands word for word,
+relative paths and the default data/oxfordiii, it builds the default stand-in (`python step_1/download_data.py
+--synthetic`) and the default split file, runs steps 2 to 5 at --quick size, and step 5 again with `--from-run`
+and one setting changed (MLflow's default store, ./mlflow.db and ./mlruns/, lands there; MLFLOW_* variables are
+dropped), starts `mlflow ui` on a free port and photographs these pages at 1600 x 1000 CSS pixels:
 
     step2_runs.png         the step_2 experiment's runs table: the root run expanded to its warmup/finetune runs
     step2_run.png          the step-2 root run's overview page (parameters, tags)
@@ -24,6 +29,8 @@ README's commands, and step 5 again with `--from-run` and one setting changed (M
     step5_report.png       the step-5 root run's artifacts view with analysis/reproducibility_report.md selected
 
 Every UI link ends in `?workflowType=machine_learning`: without it MLflow 3.17 opens its GenAI view.
+The two widest runs tables (step4_trials, step5_verdict) fold the sidebar away and set column widths, so that
+every chosen column fits in the 1600 pixels.
 
 Why not `chromium --headless --screenshot`: under its virtual time the metric charts never load, and the runs
 table expands a parent run only from state kept in the browser's localStorage. So the script drives Chromium
@@ -58,7 +65,7 @@ import mlflow
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-N_IMAGES = 300  # big enough for 3 x 2 folds with both classes everywhere, small enough for a quick run
+WORK_DIR = Path("/tmp/reproai")  # a neutral name: MLflow shows the artifact location's absolute path
 RETRIES = 3  # the training scripts may be mid-edit by someone else: wait and retry a failed command
 RETRY_WAIT_S = 60
 UI_START_TIMEOUT_S = 180  # `mlflow ui` imports a lot and migrates a new database on its first start
@@ -72,6 +79,7 @@ ML_VIEW = "workflowType=machine_learning"  # else MLflow 3.17 opens the experime
 # localStorage that every page starts with: the MLflow Assistant panel would otherwise open on the first visit
 # and cover a third of the page (keys of the UI's useLocalStorage hook: "<key>_v<version>", JSON values).
 BASE_STORAGE = {"mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true", "mlflow.assistant.panelOpen_v1": "false"}
+COLLAPSE_SIDEBAR = "document.querySelector('[aria-label=\"Toggle sidebar\"]').click()"  # room for a wide table
 HIDE_CHART_TOOLBARS = (  # plotly's toolbars, which headless Chromium shows over every chart as if hovered
     "addEventListener('DOMContentLoaded', () => { const s = document.createElement('style');"
     " s.textContent = '.modebar-container { display: none !important; }'; document.head.appendChild(s); });"
@@ -86,35 +94,79 @@ def find_chromium() -> str:
     sys.exit("make_screenshots.py needs headless Chromium: install it with `apt-get install -y chromium` (as root).")
 
 
+def default_store_env() -> dict[str, str]:
+    """This environment without MLFLOW_* variables: MLflow then uses its default store in the working directory."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+
+
+def git_in(where: Path, *args: str) -> str:
+    """Output of a git command run in `where`, or exit with git's message."""
+    try:
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, check=True).stdout
+    except OSError as error:
+        sys.exit(f"make_screenshots.py needs git, to make the checkout the runs are made in: {error}")
+    except subprocess.CalledProcessError as error:
+        sys.exit(f"`git {' '.join(args)}` failed in {where}: {error.stderr.strip()}")
+
+
+def make_checkout(work: Path) -> None:
+    """Make `work` a learner's checkout of this repository with the code as it is now: a clone of HEAD with the
+    working tree copied over it."""
+    git_in(REPO, "clone", "--quiet", "--no-hardlinks", str(REPO), str(work))
+    git_in(work, "remote", "remove", "origin")  # else MLflow records this machine's path as the repository URL
+    copy_working_tree(work)
+    if changed := git_in(work, "status", "--porcelain").splitlines():
+        print(
+            f"  the working tree differs from HEAD in {len(changed)} file(s): the runs record git_dirty=true"
+            " (commit first for screenshots of a clean checkout)",
+            flush=True,
+        )
+
+
+def copy_working_tree(work: Path) -> None:
+    """Copy this checkout's tracked and untracked-not-ignored files into the checkout `work`, and delete there the
+    tracked files that are gone here."""
+    files = {name for name in git_in(REPO, "ls-files", "-z", "-co", "--exclude-standard").split("\0") if name}
+    present = {name for name in files if (REPO / name).is_file()}
+    for name in set(git_in(work, "ls-files", "-z").split("\0")) - present - {""}:
+        (work / name).unlink(missing_ok=True)
+    for name in sorted(present):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, work / name)
+
+
 def run_script(script: str, args: list[str], cwd: Path) -> None:
-    """Run one of the repository's scripts with this Python in `cwd`; retry a failure (a concurrent edit)."""
-    command = [sys.executable, str(REPO / script), *args]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}  # the default store
+    """Run one of the repository's scripts as its README does, `python step_N/x.py ...` in the checkout `cwd`
+    (this Python, the script's path relative: train.py records sys.argv); retry a failure (a concurrent edit)."""
+    command = [sys.executable, script, *args]
     for attempt in range(1, RETRIES + 1):
         print(f"$ python {script} {' '.join(args)}".rstrip(), flush=True)
         started = time.perf_counter()
-        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+        result = subprocess.run(command, cwd=cwd, env=default_store_env(), capture_output=True, text=True)
         if result.returncode == 0:
             print(f"  ok in {time.perf_counter() - started:.0f} s", flush=True)
             return
         print(result.stdout[-2000:] + result.stderr[-3000:], file=sys.stderr)
         if attempt < RETRIES:
-            print(f"  failed (exit {result.returncode}); retrying in {RETRY_WAIT_S} s", flush=True)
+            print(
+                f"  failed (exit {result.returncode}); retrying in {RETRY_WAIT_S} s with the code as it is then",
+                flush=True,
+            )
             time.sleep(RETRY_WAIT_S)
+            copy_working_tree(cwd)  # the failure may have been someone's edit in progress here
     sys.exit(f"{script} failed {RETRIES} times (exit {result.returncode}); see its output above.")
 
 
 def make_runs(work: Path, steps: list[int]) -> None:
-    """Build the stand-in and run the steps at --quick size in `work`, as the README does."""
-    data = str(work / "data" / "oxfordiii")
-    run_script("step_1/download_data.py", ["--synthetic", "--n-images", str(N_IMAGES), "--data-dir", data], work)
+    """Build the stand-in and run the steps at --quick size in the checkout `work`, with the READMEs' commands."""
+    run_script("step_1/download_data.py", ["--synthetic"], work)  # the default stand-in in data/oxfordiii
     if 2 in steps:
-        run_script("step_2/train.py", ["--quick", "--data-dir", data], work)
+        run_script("step_2/train.py", ["--quick"], work)
         run_script("step_2/analyze_predictions.py", [], work)
-    run_script("step_3/make_dataset_splits.py", ["--data-dir", data, "--k-root", "3", "--k-nested", "2"], work)
+    if any(step >= 3 for step in steps):
+        run_script("step_3/make_dataset_splits.py", [], work)  # 10 x 10 folds; --quick runs the first 2 x 2
     for step in (step for step in steps if step >= 3):
-        where = ["--data-dir", data] if step < 5 else ["--set", f"data.data_dir={data}"]  # step 5: a config key
-        run_script(f"step_{step}/train.py", ["--quick", *where], work)
+        run_script(f"step_{step}/train.py", ["--quick"], work)
         run_script(f"step_{step}/analyze_predictions.py", [], work)
     if 5 in steps:  # run the step-5 root run again with one setting changed: the rerun ends with a verdict
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
@@ -136,6 +188,7 @@ def start_ui(work: Path, port: int) -> subprocess.Popen:
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)],
             cwd=work,
+            env=default_store_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so that stop_ui also stops its workers
@@ -191,13 +244,16 @@ def children(client: mlflow.MlflowClient, run: mlflow.entities.Run) -> list[mlfl
     )
 
 
-def table_storage(experiment_id: str, expanded: list[str], columns: list[str]) -> dict[str, str]:
+def table_storage(
+    experiment_id: str, expanded: list[str], columns: list[str], widths: dict[str, int] | None = None
+) -> dict[str, str]:
     """localStorage that makes the runs table of `experiment_id` open with `expanded` runs and `columns` shown.
 
     The UI keeps this view state per experiment under MLflowLocalStorage-1.1-ExperimentPage-["<id>"]-...;
-    column keys are "<attributes|metrics|params|tags>.`<name>`". Metric columns get room for full values.
+    column keys are "<attributes|metrics|params|tags>.`<name>`". Metric columns get room for full values, and
+    `widths` (CSS pixels) sets others; the rest are 100 pixels wide.
     """
-    widths = {column: METRIC_COLUMN_PX for column in columns if column.startswith("metrics.")}
+    widths = {column: METRIC_COLUMN_PX for column in columns if column.startswith("metrics.")} | (widths or {})
     state = {
         "runsExpanded": dict.fromkeys(expanded, True),
         "selectedColumns": columns,
@@ -221,6 +277,7 @@ class Page:
     ready: str  # a JavaScript expression that is true once the page shows what the screenshot is for
     storage: dict[str, str] = field(default_factory=dict)
     height: int = HEIGHT
+    then: str = ""  # JavaScript to run once the page is ready, before it settles (COLLAPSE_SIDEBAR)
 
 
 def plan_pages(client: mlflow.MlflowClient, steps: list[int]) -> list[Page]:
@@ -282,7 +339,14 @@ def figure_page(name: str, exp: str, root: mlflow.entities.Run, figure: str) -> 
 
 
 def folds_table_page(
-    client: mlflow.MlflowClient, name: str, exp: str, root: mlflow.entities.Run, folds: list, columns: list[str]
+    client: mlflow.MlflowClient,
+    name: str,
+    exp: str,
+    root: mlflow.entities.Run,
+    folds: list,
+    columns: list[str],
+    widths: dict[str, int] | None = None,
+    then: str = "",
 ) -> Page:
     """The runs table with the root run and its first fold expanded (that fold's child runs shown)."""
     shown = [root, *folds, *children(client, folds[0])]
@@ -290,7 +354,8 @@ def folds_table_page(
         name,
         f"/experiments/{exp}/runs",
         js_has_texts([run.info.run_name for run in shown]),
-        table_storage(exp, [root.info.run_id, folds[0].info.run_id], columns),
+        table_storage(exp, [root.info.run_id, folds[0].info.run_id], columns, widths),
+        then=then,
     )
 
 
@@ -309,12 +374,14 @@ def step4_pages(client: mlflow.MlflowClient) -> list[Page]:
     """Step 4's runs table with a fold's trials, the trials' parallel coordinates, the chosen values."""
     exp, root, folds = root_and_folds(client, 4)
     trials = [run for run in children(client, folds[0]) if run.data.tags.get("run_level") == "trial"]
-    columns = ["tags.`run_level`", "tags.`root_split_id`", "tags.`nested_split_id`", "tags.`trial_state`"]
-    columns += ["metrics.`dev_roc_auc`", "metrics.`test_roc_auc`", "tags.`refit_check`"]
-    columns += [f"params.`{name}`" for name in ("head_hidden", "dropout", "warmup_lr", "finetune_lr")]
+    # the fold runs' names say their split ids; the sidebar folds away: room for three searched values in full
+    columns = ["tags.`run_level`", "tags.`trial_state`", "metrics.`dev_roc_auc`", "metrics.`test_roc_auc`"]
+    columns += ["tags.`refit_check`", "params.`head_hidden`", "params.`dropout`", "params.`finetune_lr`"]
+    widths = {"tags.`run_level`": 80, "tags.`trial_state`": 90, "tags.`refit_check`": 90}
+    widths |= {"params.`head_hidden`": 90, "params.`dropout`": 160, "params.`finetune_lr`": 175}
     ids = json.dumps([run.info.run_id for run in trials], separators=(",", ":"))
     return [
-        folds_table_page(client, "step4_trials.png", exp, root, folds, columns),
+        folds_table_page(client, "step4_trials.png", exp, root, folds, columns, widths, COLLAPSE_SIDEBAR),
         Page(
             "step4_parallel.png",
             f"/compare-runs?runs={ids}&experiments={json.dumps([exp])}",
@@ -331,13 +398,16 @@ def step5_pages(client: mlflow.MlflowClient) -> list[Page]:
     original = client.get_run(rerun.data.tags["reproduces"])
     columns = ["tags.`run_level`", "tags.`reproduces`", "tags.`config_overrides`", "tags.`reproduction_verdict`"]
     columns += ["metrics.`dev_roc_auc`", "metrics.`test_roc_auc`", "params.`training.finetune_epochs`"]
+    widths = {"tags.`run_level`": 80, "tags.`reproduces`": 110, "tags.`config_overrides`": 210}
+    widths |= {"tags.`reproduction_verdict`": 140, "params.`training.finetune_epochs`": 160}  # whole headers
     shown = [original, rerun, *children(client, original), *children(client, rerun)]
     return [
         Page(
             "step5_verdict.png",
             f"/experiments/{exp}/runs",
             js_has_texts([run.info.run_name for run in shown]),
-            table_storage(exp, [original.info.run_id, rerun.info.run_id], columns),
+            table_storage(exp, [original.info.run_id, rerun.info.run_id], columns, widths),
+            then=COLLAPSE_SIDEBAR,
         ),
         Page(
             "step5_report.png",
@@ -424,8 +494,9 @@ class Browser:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return None if "exceptionDetails" in result else result["result"].get("value")
 
-    def photograph(self, url: str, out: Path, storage: dict[str, str], ready: str, height: int) -> bool:
-        """Open `url` with `storage` in localStorage, wait until `ready` holds and the DOM settles, save a PNG.
+    def photograph(self, url: str, out: Path, storage: dict[str, str], ready: str, height: int, then: str) -> bool:
+        """Open `url` with `storage` in localStorage, wait until `ready` holds, run `then`, let the DOM settle and
+        save a PNG.
 
         Returns whether the page became ready in PAGE_TIMEOUT_S (the PNG is written either way, to look at).
         """
@@ -437,6 +508,8 @@ class Browser:
         deadline = time.monotonic() + PAGE_TIMEOUT_S
         while not (is_ready := bool(self.evaluate(ready))) and time.monotonic() < deadline:
             time.sleep(0.5)
+        if is_ready and then:
+            self.evaluate(then)
         samples: list[int] = []
         while is_ready and time.monotonic() < deadline and (len(samples) < 3 or len(set(samples[-3:])) > 1):
             time.sleep(SETTLE_S / 2)
@@ -469,27 +542,37 @@ def shrink_png(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the quick steps in a temporary directory, start `mlflow ui` there and photograph its pages."""
+    """Run the quick steps in a fresh checkout, start `mlflow ui` there and photograph its pages."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "img", help="where the PNG files go")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
     parser.add_argument(
-        "--reuse", type=Path, metavar="DIR", help="a directory kept by --keep: skip the runs, photograph it again"
+        "--work-dir", type=Path, default=WORK_DIR, help="the new or empty folder the runs are made in (a checkout)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
+    parser.add_argument(
+        "--reuse", type=Path, metavar="DIR", help="a work folder kept by --keep: skip the runs, photograph it again"
     )
     parser.add_argument("--steps", type=int, nargs="+", choices=[2, 3, 4, 5], default=[2, 3, 4, 5], help="which steps")
     args = parser.parse_args(argv)
     if args.reuse and not (args.reuse / "mlflow.db").is_file():
         sys.exit(f"--reuse {args.reuse}: no mlflow.db there; give a directory that --keep printed.")
 
+    work = (args.reuse or args.work_dir).resolve()
+    if not args.reuse and work.exists() and (not work.is_dir() or any(work.iterdir())):
+        sys.exit(
+            f"{work} already exists and is not empty: remove it, photograph it again with --reuse {work},"
+            " or give another --work-dir."
+        )
+
     chromium = find_chromium()
     started = time.perf_counter()
-    work = args.reuse.resolve() if args.reuse else Path(tempfile.mkdtemp(prefix="reproai-screenshots-"))
     print(f"Working in {work}", flush=True)
     server, written, not_ready = None, [], []
     try:
         if not args.reuse:
+            make_checkout(work)
             make_runs(work, args.steps)
         pages = plan_pages(mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}"), args.steps)
         port = free_port()
@@ -503,7 +586,9 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 browser = Browser(chromium, work / "chromium.log")
                 try:
-                    if not browser.photograph(url, out, BASE_STORAGE | page.storage, page.ready, page.height):
+                    if not browser.photograph(
+                        url, out, BASE_STORAGE | page.storage, page.ready, page.height, page.then
+                    ):
                         not_ready.append(page.name)
                 finally:
                     browser.close()

@@ -13,9 +13,10 @@ repository, a local `git clone` of HEAD (its remote removed) with the working tr
 tracked and untracked-not-ignored files: the code as it is now; if that differs from HEAD, the runs record
 git_dirty=true). There, with the checkout as working directory and the steps' README commands word for word,
 relative paths and the default data/oxfordiii, it builds the default stand-in (`python step_1/download_data.py
---synthetic`) and the default split file, runs steps 2 to 5 at --quick size, and step 5 again with `--from-run`
-and one setting changed (MLflow's default store, ./mlflow.db and ./mlruns/, lands there; MLFLOW_* variables are
-dropped), starts `mlflow ui` on a free port and photographs these pages at 1600 x 1000 CSS pixels:
+--synthetic`) and the default split file, runs steps 2 to 5 at --quick size, registers step 5's best fold
+(`python step_5/register.py`), and runs step 5 again with `--from-run` and one setting changed (MLflow's
+default store, ./mlflow.db and ./mlruns/, lands there; MLFLOW_* variables are dropped), starts `mlflow ui` on a
+free port and photographs these pages at 1600 x 1000 CSS pixels:
 
     step2_runs.png         the step_2 experiment's runs table: the root run expanded to its warmup/finetune runs
     step2_run.png          the step-2 root run's overview page (parameters, tags)
@@ -27,6 +28,7 @@ dropped), starts `mlflow ui` on a free port and photographs these pages at 1600 
     step4_chosen.png       the step-4 root run's artifacts view with figures/chosen_hyperparameters.png selected
     step5_verdict.png      the step_5 experiment's runs table: the root run and its rerun, with overrides and verdict
     step5_report.png       the step-5 root run's artifacts view with analysis/reproducibility_report.md selected
+    step5_model_version.png  the version of pets-cat-vs-dog that step_5/register.py made, with its lineage tags
 
 Every UI link ends in `?workflowType=machine_learning`: without it MLflow 3.17 opens its GenAI view.
 The two widest runs tables (step4_trials, step5_verdict) fold the sidebar away and set column widths, so that
@@ -75,6 +77,7 @@ WIDTH, HEIGHT = 1600, 1000  # viewport in CSS pixels: wide enough for the runs t
 METRIC_COLUMN_PX = 150  # a metric column this wide shows a float64 in full; the default width cuts it off
 MAX_PNG_BYTES = 400_000  # above this, re-save with a 256-colour palette
 ML_VIEW = "workflowType=machine_learning"  # else MLflow 3.17 opens the experiment's GenAI view
+MODEL = "pets-cat-vs-dog"  # step_5/register.py's registered model
 
 # localStorage that every page starts with: the MLflow Assistant panel would otherwise open on the first visit
 # and cover a third of the page (keys of the UI's useLocalStorage hook: "<key>_v<version>", JSON values).
@@ -168,7 +171,8 @@ def make_runs(work: Path, steps: list[int]) -> None:
     for step in (step for step in steps if step >= 3):
         run_script(f"step_{step}/train.py", ["--quick"], work)
         run_script(f"step_{step}/analyze_predictions.py", [], work)
-    if 5 in steps:  # run the step-5 root run again with one setting changed: the rerun ends with a verdict
+    if 5 in steps:  # register its best fold's model; run the root run again with one setting changed (a verdict)
+        run_script("step_5/register.py", [], work)
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
         _, root, _ = root_and_folds(client, 5)
         change = ["--set", "cv.root_split=0", "--set", "cv.nested_split=0", "--set", "training.finetune_epochs=1"]
@@ -396,6 +400,7 @@ def step5_pages(client: mlflow.MlflowClient) -> list[Page]:
     exp = experiment_id(client, 5)
     rerun = newest(client, exp, "tags.run_level = 'root' AND tags.reproduces != ''", "step-5 rerun (--from-run)")
     original = client.get_run(rerun.data.tags["reproduces"])
+    version = client.get_model_version_by_alias(MODEL, "candidate")  # register.py made it from the original
     columns = ["tags.`run_level`", "tags.`reproduces`", "tags.`config_overrides`", "tags.`reproduction_verdict`"]
     columns += ["metrics.`dev_roc_auc`", "metrics.`test_roc_auc`", "params.`training.finetune_epochs`"]
     widths = {"tags.`run_level`": 80, "tags.`reproduces`": 110, "tags.`config_overrides`": 210}
@@ -413,6 +418,11 @@ def step5_pages(client: mlflow.MlflowClient) -> list[Page]:
             "step5_report.png",
             f"/experiments/{exp}/runs/{original.info.run_id}/artifacts/analysis/reproducibility_report.md",
             "document.body.innerText.includes('For a person to fill in')",
+        ),
+        Page(
+            "step5_model_version.png",
+            f"/models/{MODEL}/versions/{version.version}",
+            js_has_texts(["root_run_id", "dataset_digest", version.tags["root_run_id"]]),
         ),
     ]
 

@@ -11,6 +11,10 @@ for step in step_*/; do
   if [ -f "$step/make_dataset_splits.py" ]; then $py "$step/make_dataset_splits.py"; fi
   $py "$step/train.py" --quick
   $py "$step/analyze_predictions.py"
+  if [ -f "$step/register.py" ]; then  # step 5: the best fold's model registered, then shown one photo
+    $py "$step/register.py"
+    $py "$step/predict.py" data/oxfordiii/oxford-iiit-pet/images/Abyssinian_1.jpg
+  fi
 done
 echo
 echo "Done. Step 1 wrote its results to results/step_1/; the later steps recorded theirs in MLflow"

@@ -30,7 +30,12 @@ import mlflow
 import optuna
 import torchvision
 
+from pets import IMAGENET_MEAN, IMAGENET_STD
+
 THIS = sys.modules[__name__]  # this module, whatever name it was imported under (config files import `settings`)
+# How a photo becomes the model's input, as pets.load_image and training.PetImages (unaugmented) make it; the size is
+# data.image_size of the resolved config. Logged with every root run: the registered model reads it from the run.
+PREPROCESSING = {"colour": "RGB", "resize": "bilinear", "divide_by": 255, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -633,4 +638,5 @@ def log_config(config: Config, files: list[Path], overrides: list[str]) -> None:
         mlflow.log_artifact(str(path), "config")
     mlflow.log_text(dumps(config), "config/resolved_config.json")
     mlflow.log_dict(search_space(config), "config/search_space.json")
+    mlflow.log_dict(PREPROCESSING, "config/preprocessing.json")  # what a model of this run expects (predict.py)
     mlflow.set_tag("config_overrides", " ".join(overrides) or "none")

@@ -206,33 +206,65 @@ def step4_search(split_file, tmp_path_factory) -> dict:
     return {"cwd": cwd, "first": first, "analysis": analysis}
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(
+    command: list[str], cwd: Path, log: Path, answers: Callable[[], object], env: dict | None = None
+) -> Iterator[None]:
+    """Start `command` in its own process group, its output in `log`; once `answers()` returns without raising,
+    yield; afterwards (also when the test fails) stop the whole group and wait for it."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answers()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"{Path(command[0]).name} {command[1]} did not start: {log.read_text()[-3000:]}")
+        yield
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the process group `proc` leads; wait until none of its processes is left (a server's workers
+    outlive their parent for a moment), SIGKILL after `timeout` seconds."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.poll()  # reap the leader, else it stays as a zombie in the group
+        try:
+            os.killpg(proc.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def mlflow_server(backend_store_uri: str, folder: Path, workers: int = 1) -> Iterator[str]:
     """`mlflow server` on a free port of 127.0.0.1, its artifacts in folder/artifacts and its log in
     folder/server.log: its URL once every server process answers; stopped afterwards."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
         "--workers", str(workers),
     ]  # fmt: skip
-    with (folder / "server.log").open("w") as log:
-        proc = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                mlflow.MlflowClient(url).search_experiments()  # the server has made its tables and answers
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-3000:]}")
+
+    def answers() -> None:  # the port first: the client itself would retry for long with back-off
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        mlflow.MlflowClient(url).search_experiments()  # the server has made its tables and answers
+
+    with serving(command, folder, folder / "server.log", answers):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)

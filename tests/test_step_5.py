@@ -2,26 +2,38 @@
 error as one sentence before any work, the logged config, --from-run (an identical rerun and a detected
 difference), the reproducibility report, step 5 with the default config choosing exactly what step 4 chose, a
 scrambled test split that reaches no decision, every input of a rerun's key, a root run whose record was never
-written, and records that cannot be rerun."""
+written, and records that cannot be rerun. Then the model in use: registered once with its lineage, predicting the
+logged test scores bit for bit, refusing bad input, and served over HTTP with the same answers."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
+from urllib.request import Request, urlopen
 
 import mlflow
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from conftest import (
     REPO,
     client_in,
+    free_port,
     load_step_module,
     logged_predictions,
     main_in_process,
     run_script,
     scramble_test_split,
+    serving,
 )
 
 SEARCHED = {"head_hidden", "dropout", "warmup_lr", "warmup_weight_decay", "finetune_lr", "finetune_weight_decay"}
@@ -671,3 +683,120 @@ def test_help_says_that_a_config_file_is_code(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     assert "Python that runs as code (run only files you trust)" in " ".join(capsys.readouterr().out.split())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model in use: registered with its lineage (register.py), predicting photos (predict.py), served over HTTP
+MODEL = "pets-cat-vs-dog"
+
+
+@pytest.fixture(scope="module")
+def registered(experiment) -> dict:
+    """register.py twice on the experiment's root run (other tests add reruns): the second finds the first's
+    version."""
+    root_id = experiment["root"].info.run_id
+    runs = [run_script("step_5/register.py", "--run-id", root_id, cwd=experiment["cwd"]) for _ in range(2)]
+    client = experiment["client"]
+    folds = fold_runs(client, experiment["root"].info.run_id)
+    best = max(folds.values(), key=lambda run: run.data.metrics["test_roc_auc"])
+    refit = client.get_run(best.data.tags["refit_run_id"])
+    test = pd.read_csv(io.StringIO(artifact(refit, "predictions/test_predictions.csv")))
+    images = Path(experiment["root"].data.params["data.data_dir"]) / "oxford-iiit-pet" / "images"
+    return {**experiment, "runs": runs, "refit": refit, "test": test, "images": images}
+
+
+def predictions(stdout: str) -> dict[str, tuple[np.float32, str]]:
+    """predict.py's answer lines: file name → (P(cat) as the float32 it printed, label)."""
+    lines = [line.split("\t") for line in stdout.splitlines() if "\tP(cat) = " in line]
+    return {Path(file).name: (np.float32(p.removeprefix("P(cat) = ")), label) for file, p, label in lines}
+
+
+def test_registering_twice_makes_one_version_with_the_lineage_of_its_runs(registered):
+    client, refit, root = registered["client"], registered["refit"], registered["root"]
+    (version,) = client.search_model_versions(f"name = '{MODEL}'")
+    assert client.get_model_version_by_alias(MODEL, "candidate").version == version.version
+    assert version.run_id == refit.info.run_id  # the best fold by test ROC AUC, as printed
+    first, second = (run.stdout for run in registered["runs"])
+    assert f"Registered {MODEL} version {version.version}" in first and "Already registered" in second
+    fold = registered["client"].get_run(refit.data.tags["mlflow.parentRunId"])
+    assert re.search(rf"{fold.data.tags['root_split_id']} +{fold.data.tags['nested_split_id']} .* <-", first)
+    tags = version.tags
+    for key in ("dataset_digest", "split_file_digest", "git_commit", "code_digest", "dataset_synthetic"):
+        assert tags[key] == root.data.tags[key], key
+    assert tags["dataset_synthetic"] == "true" and tags["root_run_id"] == root.info.run_id
+    config = artifact(root, "config/resolved_config.json")
+    assert tags["config_digest"] == hashlib.sha256(config.encode()).hexdigest()
+    assert client.get_run(refit.info.run_id).info.status == "FINISHED"  # logged onto without reopening it
+
+
+def test_predict_reproduces_the_logged_test_scores_bit_for_bit(registered):
+    """Every test image of the registered fold, in its table's order (the batches its run predicted in), through
+    the registered version and through the refit run's own torch model: the logged scores, to the last bit."""
+    test, refit = registered["test"], registered["refit"]
+    files = [str(registered["images"] / name) for name in test["file"]]
+    threshold = refit.data.metrics["threshold"]
+    for model in (f"models:/{MODEL}@candidate", f"runs:/{refit.info.run_id}/model"):
+        out = run_script("step_5/predict.py", "--model", model, *files, cwd=registered["cwd"])
+        assert "SYNTHETIC STAND-IN: it has never seen a real pet" in out.stdout
+        assert refit.info.run_id in out.stdout and registered["root"].info.run_id in out.stdout
+        answers = predictions(out.stdout)
+        assert [answers[name][0] for name in test["file"]] == list(test["score"].to_numpy(np.float32)), model
+        assert [answers[name][1] for name in test["file"]] == [
+            "cat" if s >= threshold else "dog" for s in test["score"]
+        ]
+
+
+def test_predict_refuses_what_it_cannot_predict_in_one_sentence_each(registered, tmp_path):
+    predict = load_step_module("step_5", "predict")
+    text, truncated = tmp_path / "notes.jpg", tmp_path / "cut.jpg"
+    text.write_text("not a photo")
+    whole = (registered["images"] / registered["test"]["file"][0]).read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    assert predict.problem(registered["images"] / registered["test"]["file"][0]) is None
+    assert predict.problem(text) == f"{text} is not an image (no image format recognises it)."
+    assert predict.problem(truncated).startswith(f"{truncated} is a truncated or damaged image")
+    assert predict.problem(tmp_path / "gone.jpg") == f"{tmp_path / 'gone.jpg'}: no such file."
+    assert predict.problem(tmp_path) == f"{tmp_path} is not a file."
+    out = run_script("step_5/predict.py", str(text), str(truncated), cwd=registered["cwd"], check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr and out.stderr.count("\n") == 2  # both, nothing else
+    good = str(registered["images"] / registered["test"]["file"][0])
+    for uri in (f"models:/{MODEL}/99", "runs:/0123456789abcdef0123456789abcdef/model", f"models:/{MODEL}@production"):
+        out = run_script("step_5/predict.py", "--model", uri, good, cwd=registered["cwd"], check=False)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        assert f"No model at {uri} in " in out.stderr
+
+
+def test_the_served_model_answers_as_predict_does_to_the_last_bit(registered, tmp_path):
+    """The README's `mlflow models serve` and `curl`, as written but for the port and the image; then two images in
+    one request against predict.py on the same two (one batch each way). The server is stopped in every case."""
+    readme = (REPO / "step_5/README.md").read_text()
+    serve = re.search(r"^(mlflow models serve .*)$", readme, re.M).group(1)
+    curl = re.search(r"^(IMAGE=.*\ncurl [^\n]*\\\n[^\n]*)$", readme, re.M).group(1)
+    port = str(free_port())
+    command = serve.replace("5001", port).split()
+    command[0] = str(Path(sys.executable).parent / "mlflow")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # its uvicorn
+    env.pop("MLFLOW_TRACKING_URI", None)
+    url = f"http://127.0.0.1:{port}"
+    names = list(registered["test"]["file"][:2])
+    files = [str(registered["images"] / name) for name in names]
+    with serving(command, registered["cwd"], tmp_path / "serve.log", lambda: urlopen(f"{url}/ping", timeout=2), env):
+        image = curl.split("\n")[0].removeprefix("IMAGE=")
+        script = curl.replace("5001", port).replace(image, files[0])
+        one = json.loads(subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout)
+        body = {
+            "dataframe_split": {
+                "columns": ["image"],
+                "data": [[base64.b64encode(Path(f).read_bytes()).decode()] for f in files],
+            }
+        }
+        request = Request(f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urlopen(request, timeout=60) as response:
+            two = json.loads(response.read())
+    with pytest.raises(OSError):
+        urlopen(f"{url}/ping", timeout=2)  # stopped
+    local = predictions(run_script("step_5/predict.py", *files, cwd=registered["cwd"]).stdout)
+    served = [(np.float32(answer["p_cat"]), answer["label"]) for answer in two["predictions"]]
+    assert served == [local[name] for name in names]
+    alone = predictions(run_script("step_5/predict.py", files[0], cwd=registered["cwd"]).stdout)
+    assert (np.float32(one["predictions"][0]["p_cat"]), one["predictions"][0]["label"]) == alone[names[0]]

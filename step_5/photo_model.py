@@ -1,0 +1,64 @@
+"""The registered model: photos in, P(cat) and a label out. It is one fold's refit model with the preprocessing and
+the threshold that fold's runs logged, saved by register.py as an MLflow model from code (this file travels inside
+it, with pets.py, so it loads without this repository): predict.py and `mlflow models serve` load it.
+
+Input: a column `image` of image files' bytes (over HTTP: base64 strings). Output: `p_cat` (float32, the model's
+sigmoid) and `label` ("cat" when p_cat >= the threshold fitted on the fold's dev set, else "dog"). Images are
+decoded as in training (pets.load_image), scaled and normalised with the values the run logged, and predicted in
+batches of the run's batch size on the run's thread count: the same batches give the same bits as the run's own
+prediction tables.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL in the reproducible mode the training ran it in, set before
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # torch loads it
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+
+from pets import load_image  # noqa: E402
+
+SUPPORTED = {"colour": "RGB", "resize": "bilinear"}  # what pets.load_image does; a record asking for more is refused
+
+
+class PetPhotos(mlflow.pyfunc.PythonModel):
+    """A fold's refit model behind the preprocessing its run logged (`config`: see register.py's photo_config)."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        device = torch.device(context.model_config.get("device", "cpu"))
+        self.setup(mlflow.pytorch.load_model(context.artifacts["refit_model"]), context.model_config, device)
+
+    def setup(self, model: torch.nn.Module, config: dict, device: torch.device) -> None:
+        """Use `model` (the refit run's torch model) with `config`; also for a model loaded from a runs:/ URI."""
+        for key, value in SUPPORTED.items():
+            if config[key] != value:
+                raise ValueError(f"the run's preprocessing has {key}={config[key]!r}; this model supports {value!r}")
+        torch.set_num_threads(int(config["num_threads"]))  # another thread count adds floats in another order
+        self.model, self.config, self.device = model.to(device), config, device
+
+    def images(self, files: list[bytes]) -> torch.Tensor:
+        """The model's input for image files' bytes: decoded at the run's size, scaled, normalised."""
+        size, divide_by, mean, std = (self.config[key] for key in ("image_size", "divide_by", "mean", "std"))
+        decoded = [load_image(io.BytesIO(file), size).float() / divide_by for file in files]
+        return torch.stack([v2.functional.normalize(image, mean, std) for image in decoded])
+
+    @torch.no_grad()
+    def predict(self, context: object, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        files = [bytes(image) for image in model_input["image"]]
+        batch = int(self.config["batch_size"])
+        scores = [
+            torch.sigmoid(self.model(self.images(files[i : i + batch]).to(self.device))).reshape(-1).cpu().numpy()
+            for i in range(0, len(files), batch)
+        ]
+        p_cat = np.concatenate(scores) if scores else np.empty(0, np.float32)
+        labels = np.where(p_cat >= self.config["threshold"], "cat", "dog")
+        return pd.DataFrame({"p_cat": p_cat, "label": labels})
+
+
+mlflow.models.set_model(PetPhotos())

@@ -1,0 +1,171 @@
+"""The Model Registry part of step 5: one fold's refit model registered as a version of `pets-cat-vs-dog` with its
+lineage, and any registered or logged model loaded to predict photos (register.py and predict.py tell the story).
+
+What is registered is an MLflow model from code (photo_model.py) that holds the fold's refit model unchanged, and,
+read from the fold's runs, the preprocessing (image size, scaling, normalisation), the threshold, the batch size and
+the thread count: a photo goes in, P(cat) and a label come out, in predict.py and over HTTP alike. It is logged
+onto the refit run (`registered_model/`) without reopening it, and the version points to that run: "which run,
+which data, which code made this version?" is answered by the version's tags and by the run they name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from importlib.metadata import version as installed
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.artifacts import load_text
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+import runs
+
+HERE = Path(__file__).resolve().parent
+NAME = "pets-cat-vs-dog"  # the registered model
+ALIAS = "candidate"  # the version register.py made last: what predict.py and the README's server use by default
+DEFAULT_URI = f"models:/{NAME}@{ALIAS}"
+LINEAGE = ("dataset_digest", "split_file_digest", "git_commit", "git_dirty", "code_digest", "dataset_synthetic")
+SIGNATURE = ModelSignature(  # explicit: image files' bytes in (base64 over HTTP), P(cat) and the label out
+    inputs=Schema([ColSpec("binary", "image")]),
+    outputs=Schema([ColSpec("float", "p_cat"), ColSpec("string", "label")]),
+)
+PACKAGES = ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas")
+
+
+def runs_of_refit(client: mlflow.MlflowClient, refit_id: str) -> tuple:
+    """The refit run, its fold run and its root run; one sentence when the run is not a step-5 refit run."""
+    refit = client.get_run(refit_id)
+    if refit.data.tags.get("run_level") != "refit":
+        raise SystemExit(f"Run {refit_id} is not a step-5 refit run: give the model of a fold's refit run.")
+    fold = client.get_run(refit.data.tags["mlflow.parentRunId"])
+    return refit, fold, client.get_run(fold.data.tags["mlflow.parentRunId"])
+
+
+def photo_config(client: mlflow.MlflowClient, refit_id: str) -> dict:
+    """What the registered model needs besides the weights, read from the refit, fold and root runs' records."""
+    refit, fold, root = runs_of_refit(client, refit_id)
+    try:
+        preprocessing = json.loads(load_text(f"{root.info.artifact_uri}/config/preprocessing.json"))
+    except (MlflowException, OSError):
+        raise SystemExit(
+            f"Root run {root.info.run_id} has no config/preprocessing.json (it predates it): the image size and "
+            f"normalisation its models expect are not on record; run the experiment again to register its models."
+        ) from None
+    resolved = json.loads(load_text(f"{refit.info.artifact_uri}/config/resolved_config.json"))  # every value it used
+    return {
+        **preprocessing,
+        "image_size": resolved["data"]["image_size"],
+        "batch_size": resolved["training"]["batch_size"],  # the batches of the run's own prediction tables
+        "threshold": refit.data.metrics["threshold"],  # fitted on the fold's dev set
+        "num_threads": int(fold.data.params["num_threads"]),
+        "fold": f"{fold.data.tags['root_split_id']}/{fold.data.tags['nested_split_id']}",
+        "refit_run_id": refit.info.run_id,
+        "root_run_id": root.info.run_id,
+        "dataset_synthetic": root.data.tags.get("dataset_synthetic") == "true",
+    }
+
+
+def lineage(client: mlflow.MlflowClient, refit_id: str) -> dict[str, str]:
+    """The version's tags: which runs, data, split file, code and config made it, copied from the root run."""
+    refit, fold, root = runs_of_refit(client, refit_id)
+    config = load_text(f"{root.info.artifact_uri}/config/resolved_config.json")
+    return {
+        "root_run_id": root.info.run_id,
+        "fold_run_id": fold.info.run_id,
+        "refit_run_id": refit_id,
+        "fold": f"{fold.data.tags['root_split_id']}/{fold.data.tags['nested_split_id']}",
+        **{key: root.data.tags[key] for key in LINEAGE},
+        "config_digest": hashlib.sha256(config.encode()).hexdigest(),  # of config/resolved_config.json
+        "test_roc_auc": repr(refit.data.metrics["test_roc_auc"]),
+        "threshold": repr(refit.data.metrics["threshold"]),
+    }
+
+
+def register(client: mlflow.MlflowClient, refit_id: str, example: str) -> tuple[object, bool]:
+    """Register the refit run's model (once: a second call finds the first version); point the alias at it.
+
+    Returns the model version and whether it is new. `example`: the file name of one of the fold's test images,
+    logged as the input example."""
+    found = client.search_model_versions(f"name = '{NAME}' and run_id = '{refit_id}'")
+    if found:
+        version, new = found[0], False
+    else:
+        config, tags = photo_config(client, refit_id), lineage(client, refit_id)
+        _, _, root = runs_of_refit(client, refit_id)
+        image = Path(root.data.params["data.data_dir"]) / "oxford-iiit-pet" / "images" / example
+        if not image.is_file():
+            raise SystemExit(f"{image} is missing: register where train.py ran (one test image is the input example).")
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.pyfunc.save_model(
+                Path(tmp) / "model",
+                python_model=str(HERE / "photo_model.py"),  # a model from code: no pickle
+                code_paths=[str(HERE / "pets.py")],  # decodes as the training did
+                artifacts={"refit_model": f"runs:/{refit_id}/model"},  # the refit's model, copied unchanged
+                model_config={**config, "device": "cpu"},  # predict.py may load it onto another device
+                signature=SIGNATURE,
+                input_example=pd.DataFrame({"image": [image.read_bytes()]}),
+                pip_requirements=[f"{name}=={installed(name)}" for name in PACKAGES],
+            )
+            client.log_artifacts(refit_id, str(Path(tmp) / "model"), "registered_model")  # the run stays FINISHED
+        try:
+            client.create_registered_model(NAME, description="Cat (1) or dog (0) from a photo: step 5's refit models")
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{client.get_run(refit_id).info.artifact_uri}/registered_model"
+        version = client.create_model_version(
+            NAME,
+            source,
+            run_id=refit_id,
+            tags=tags,
+            description=f"fold {tags['fold']} of root run {tags['root_run_id']}",
+        )
+        new = True
+    client.set_registered_model_alias(NAME, ALIAS, version.version)
+    return version, new
+
+
+def where_to_view(version: str) -> str:
+    """The version's page in the UI: on the tracking server when there is one, else in `mlflow ui` from here."""
+    uri = mlflow.get_tracking_uri()
+    on_server = uri.startswith(("http://", "https://"))
+    link = f"{uri.rstrip('/') if on_server else runs.UI}/#/models/{NAME}/versions/{version}"
+    return link if on_server else f"`mlflow ui` from this directory, then {link}"
+
+
+def load(client: mlflow.MlflowClient, uri: str, device: torch.device) -> tuple[object, dict, str]:
+    """A photo model for `uri` (a registered version, a refit run's registered_model, or a refit run's torch model),
+    its config, and a sentence saying which version and runs it comes from; one sentence when there is none."""
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except (MlflowException, OSError):
+        hint = " (register one first: python step_5/register.py)" if uri == DEFAULT_URI else ""
+        raise SystemExit(f"No model at {uri} in {mlflow.get_tracking_uri()}{hint}: check --model.") from None
+    loader = info.flavors.get("python_function", {}).get("loader_module")
+    if loader == "mlflow.pytorch":  # a refit run's own model: its preprocessing is read from its runs now
+        import photo_model
+
+        if info.run_id is None:
+            raise SystemExit(f"{uri} is a torch model outside any run: no preprocessing on record to apply.")
+        config = photo_config(client, info.run_id)
+        model = photo_model.PetPhotos()
+        model.setup(mlflow.pytorch.load_model(uri), config, device)
+        predict = lambda frame: model.predict(None, frame)  # noqa: E731
+    elif info.signature is not None and info.signature.inputs == SIGNATURE.inputs:
+        loaded = mlflow.pyfunc.load_model(uri, model_config={"device": str(device)})
+        config, predict = loaded.model_config, loaded.predict
+    else:
+        raise SystemExit(f"{uri} is not a model of step 5 (it takes no image files): check --model.")
+    where = f"fold {config['fold']}'s refit run {config['refit_run_id']} of root run {config['root_run_id']}"
+    if uri.startswith("models:/") and not uri.startswith("models:/m-"):  # a registered version: which one
+        name, at, alias = uri.removeprefix("models:/").partition("@")
+        name, _, number = name.partition("/")
+        number = client.get_model_version_by_alias(name, alias).version if at else number
+        where = f"{name} version {number}, made from {where}"
+    return predict, config, where

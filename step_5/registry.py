@@ -87,6 +87,23 @@ def lineage(client: mlflow.MlflowClient, refit_id: str) -> dict[str, str]:
     }
 
 
+def describe(tags: dict[str, str]) -> str:
+    """The version's description: its lineage in words (Markdown), what the UI shows first on its page."""
+    data = (
+        "the SYNTHETIC STAND-IN (it never saw a real pet)" if tags["dataset_synthetic"] == "true" else "the real pets"
+    )
+    dirty = " with uncommitted changes" if tags["git_dirty"] == "true" else ""
+    return (
+        f"Fold {tags['fold']}'s refit model, from step-5 root run `{tags['root_run_id']}` (refit run "
+        f"`{tags['refit_run_id']}`): test ROC AUC {float(tags['test_roc_auc']):.3f}, threshold "
+        f"{float(tags['threshold']):.4f}.\n\n"
+        f"- data: {data}, dataset digest `{tags['dataset_digest'][:12]}…`, split file digest "
+        f"`{tags['split_file_digest'][:12]}…`\n"
+        f"- code: git commit `{tags['git_commit'][:12]}`{dirty}, code digest `{tags['code_digest'][:12]}…`\n"
+        f"- config: digest `{tags['config_digest'][:12]}…` of the root run's config/resolved_config.json"
+    )
+
+
 def register(client: mlflow.MlflowClient, refit_id: str, example: str) -> tuple[object, bool]:
     """Register the refit run's model (once: a second call finds the first version); point the alias at it.
 
@@ -124,7 +141,7 @@ def register(client: mlflow.MlflowClient, refit_id: str, example: str) -> tuple[
             source,
             run_id=refit_id,
             tags=tags,
-            description=f"fold {tags['fold']} of root run {tags['root_run_id']}",
+            description=describe(tags),
         )
         new = True
     client.set_registered_model_alias(NAME, ALIAS, version.version)

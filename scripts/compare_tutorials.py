@@ -53,7 +53,7 @@ def fingerprint(client: mlflow.MlflowClient, run: Run) -> dict[str, object]:
     """What must be equal: every metric's history, and the SHA-256 of every logged prediction table."""
     found: dict[str, object] = {}
     for name in sorted(run.data.metrics):
-        if name not in TIME_METRICS:
+        if name not in TIME_METRICS and not name.startswith("system/"):  # what the machine did, not the result
             history = client.get_metric_history(run.info.run_id, name)
             found[f"metric {name}"] = [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
     for artifact in client.list_artifacts(run.info.run_id, "predictions"):

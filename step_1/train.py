@@ -40,9 +40,9 @@ import common
 from pets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DecodedImages,
     dataset_folder,
     drop_undecodable,
-    load_image,
     read_annotations,
     warn_if_standin,
 )
@@ -131,6 +131,7 @@ class PetImages(Dataset):
 
     def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, augment: bool) -> None:
         self.paths, self.labels, self.image_size = paths, labels, image_size
+        self.images = DecodedImages(paths, image_size)
         self.augment = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET) if augment else None
         self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
@@ -138,7 +139,7 @@ class PetImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = load_image(self.paths[index], self.image_size)
+        image = self.images[index]  # decoded once per process, kept in memory (pets.DecodedImages)
         if self.augment is not None:
             image = self.augment(image)
         image = self.normalize(image.float() / 255)

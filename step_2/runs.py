@@ -75,6 +75,8 @@ def tracked_run(stopped: str = "", **kwargs: object) -> Iterator[mlflow.ActiveRu
     """`mlflow.start_run`, but a run stopped by a signal ends KILLED rather than FAILED.
 
     A stop ends a root (not nested) run's command with one sentence, and `stopped` after it (what to do next)."""
+    if not kwargs.get("nested"):  # a root run: CPU, memory and GPU use over time, in the UI's System metrics tab
+        kwargs.setdefault("log_system_metrics", True)
     try:
         with mlflow.start_run(**kwargs) as run:
             if not kwargs.get("nested"):

@@ -47,9 +47,9 @@ import runs
 from pets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DecodedImages,
     dataset_folder,
     drop_undecodable,
-    load_image,
     read_annotations,
     warn_if_standin,
 )
@@ -168,6 +168,7 @@ class PetImages(Dataset):
 
     def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, augment: bool, seed: int) -> None:
         self.paths, self.labels, self.image_size = paths, labels, image_size
+        self.images = DecodedImages(paths, image_size)
         self.augment = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET) if augment else None
         self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.seed = seed
@@ -177,7 +178,7 @@ class PetImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = load_image(self.paths[index], self.image_size)
+        image = self.images[index]  # decoded once per process, kept in memory (pets.DecodedImages)
         if self.augment is not None:
             # The random draws depend on (seed, epoch, index) only, not on which worker process makes them or
             # when: the augmentation, and so the result, is the same for any --num-workers.

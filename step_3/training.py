@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import common
 import runs
-from pets import IMAGENET_MEAN, IMAGENET_STD, load_image
+from pets import IMAGENET_MEAN, IMAGENET_STD, DecodedImages
 from provenance import log_image_lists, nondeterminism_reported
 
 
@@ -88,6 +88,7 @@ class PetImages(Dataset):
 
     def __init__(self, paths: list[Path], labels: np.ndarray, image_size: int, augment: bool, seed: int) -> None:
         self.paths, self.labels, self.image_size = paths, labels, image_size
+        self.images = DecodedImages(paths, image_size)
         self.augment = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET) if augment else None
         self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.seed = seed
@@ -97,7 +98,7 @@ class PetImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = load_image(self.paths[index], self.image_size)
+        image = self.images[index]  # decoded once per process, kept in memory (pets.DecodedImages)
         if self.augment is not None:
             # The random draws depend on (seed, epoch, index) only, not on which worker process makes them or
             # when: the augmentation, and so the result, is the same for any --num-workers.

@@ -104,12 +104,13 @@ def logged_predictions(client: mlflow.MlflowClient, run_id: str, folder: Path) -
 
 def scramble_test_split(train: object, root: int, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The leak guard of steps 3 to 5: in `train` (a step's train module), every test label of outer fold `root`
-    is flipped, and in its training.py every test image is read as one noise image (written in folder). A decision
-    that reads nothing of the test split (trials, pruning, the best trial, the refit's early stopping, the
+    is flipped, and every test image its training reads is decoded from one noise image (written in folder). A
+    decision that reads nothing of the test split (trials, pruning, the best trial, the refit's early stopping, the
     threshold) stays bit for bit the same; only the test metrics move."""
     noise = folder / "noise.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(noise)
-    reader = train.train_and_evaluate.__globals__  # the namespace of the module that reads the images: training.py
+    # the namespace of the module that decodes the images training.py reads: its pets.py (DecodedImages)
+    reader = train.train_and_evaluate.__globals__["DecodedImages"].__init__.__globals__
     real_load_splits, real_load_image, test_files = train.load_splits, reader["load_image"], set()
 
     def flipped(*args: object, **kwargs: object) -> dict:
@@ -125,6 +126,7 @@ def scramble_test_split(train: object, root: int, folder: Path, monkeypatch: pyt
 
     monkeypatch.setattr(train, "load_splits", flipped)
     monkeypatch.setitem(reader, "load_image", noisy)
+    monkeypatch.setitem(reader, "_decoded", {})  # no image decoded before in this process is reused
 
 
 STEP_LOCAL = tuple(sorted({path.stem for path in REPO.glob("step_*/*.py")}))  # every step-local module name

@@ -1,12 +1,15 @@
 """Across the steps: the helper modules a step's idea does not change are byte-identical copies (so the tests of
 one copy cover all), the warm-up keeps the frozen backbone still in every step's training code, and every
-numeric flag of every step rejects a bad value with one sentence."""
+numeric flag of every step rejects a bad value with one sentence; the image checks kept in the dataset folder and
+the images decoded once per process (pets.py)."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
 import inspect
+import os
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -180,3 +183,61 @@ def test_a_bad_number_from_the_command_line_has_no_traceback(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.endswith("error: argument --seed: -3 is out of range: give a whole number from 0 to 4294967295")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pets.py (byte-identical in every step): the image checks kept in the dataset folder, the decoded images in memory
+def counting_decodes(pets, monkeypatch) -> list[Path]:
+    """Record every file pets.is_decodable decodes."""
+    decoded, check = [], pets.is_decodable
+    monkeypatch.setattr(pets, "is_decodable", lambda path, size: decoded.append(path) or check(path, size))
+    return decoded
+
+
+def test_the_image_checks_are_kept_and_a_changed_file_is_checked_again(make_standin, tmp_path, monkeypatch):
+    pets = load_step_module("step_1", "pets")
+    folder = tmp_path / "oxford-iiit-pet"
+    shutil.copytree(make_standin(240) / "oxford-iiit-pet", folder)
+    paths, labels = pets.read_annotations(folder)
+    decoded = counting_decodes(pets, monkeypatch)
+    first = pets.drop_undecodable(paths, labels, 64)
+    assert len(decoded) == len(paths) and (folder / pets.CHECKS_FILE).is_file() and len(first[0]) == len(paths) - 1
+    decoded.clear()
+    again = pets.drop_undecodable(paths, labels, 64)
+    assert decoded == [] and again[0] == first[0]  # nothing decoded: all of it read from the checks file
+    good = first[0][0]
+    good.write_bytes(good.read_bytes()[:2000])  # truncated after the checks were kept
+    assert pets.drop_undecodable(paths, labels, 64)[0] == first[0][1:] and decoded == [good]
+    decoded.clear()
+    pets.drop_undecodable(paths, labels, 96)  # another size: checked anew
+    assert len(decoded) == len(paths)
+    decoded.clear()
+    (folder / pets.CHECKS_FILE).write_text("{torn")  # unreadable: checked in full, and written again
+    assert pets.drop_undecodable(paths, labels, 64)[0] == first[0][1:] and len(decoded) == len(paths)
+    decoded.clear()
+    (folder / pets.CHECKS_FILE).unlink()
+    (folder / f"{pets.CHECKS_FILE}.{os.getpid()}.tmp").mkdir()  # cannot be written (as in a read-only folder)
+    assert pets.drop_undecodable(paths, labels, 64)[0] == first[0][1:] and len(decoded) == len(paths)
+    assert not (folder / pets.CHECKS_FILE).exists()
+
+
+def test_decoded_images_are_the_decoded_bytes_once_per_process(make_standin, tmp_path, monkeypatch):
+    pets = load_step_module("step_1", "pets")
+    images = tmp_path / "images"
+    shutil.copytree(make_standin(240) / "oxford-iiit-pet" / "images", images)
+    paths = sorted(images.glob("*_1.jpg"))[:6]
+    loads, load = [], pets.load_image
+    monkeypatch.setattr(pets, "load_image", lambda path, size: loads.append(path) or load(path, size))
+    monkeypatch.setattr(pets, "_decoded", {})
+    decoded = pets.DecodedImages(paths, 64)
+    assert len(loads) == len(paths) and all(torch.equal(decoded[i], load(p, 64)) for i, p in enumerate(paths))
+    loads.clear()
+    assert pets.DecodedImages(paths, 64)[0] is decoded[0] and loads == []  # another dataset: the same tensor
+    paths[0].write_bytes(paths[1].read_bytes())  # the file changed (size and modification time)
+    assert torch.equal(pets.DecodedImages(paths, 64)[0], load(paths[1], 64)) and loads == [paths[0]]
+    loads.clear()
+    used = sum(image.numel() for image in pets._decoded.values())  # uint8: one byte each
+    monkeypatch.setattr(pets, "DECODED_LIMIT", used + 3 * 32 * 32)  # room for one more image at 32 px
+    capped = pets.DecodedImages(paths[2:5], 32)  # three new ones: one kept, two decoded whenever they are read
+    assert [image is None for image in capped.images] == [False, True, True] and len(loads) == 1
+    assert torch.equal(capped[2], load(paths[4], 32)) and len(loads) == 2

@@ -226,7 +226,7 @@ def test_trials_of_gone_workers_on_other_hosts_are_failed_by_heartbeat(postgres,
     monkeypatch.setattr(studies, "GRACE_SECONDS", 1)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    experiment_id = client.create_experiment("heartbeats")
+    experiment_id = client.create_experiment("heartbeats", artifact_location=(tmp_path / "mlruns").as_uri())
     storage = studies.open_storage(postgres())
     study = optuna.create_study(study_name="gone", storage=storage)
     trials, run_ids = [study.ask() for _ in range(3)], []

@@ -233,7 +233,7 @@ def test_a_fold_is_rerun_bit_for_bit_from_its_record_alone(cv, tmp_path):
 def test_dead_pid_sweep_marks_only_dead_processes_on_this_host(tmp_path):
     resume = load_step_module("step_3", "resume")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment_id = client.create_experiment("sweep")
+    experiment_id = client.create_experiment("sweep", artifact_location=(tmp_path / "mlruns").as_uri())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -379,7 +379,7 @@ def test_from_run_refuses_a_split_file_changed_after_the_run(experiment, tmp_pat
     original = experiment["root"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    experiment_id = client.create_experiment("step_5")
+    experiment_id = client.create_experiment("step_5", artifact_location=(tmp_path / "mlruns").as_uri())
     run = client.create_run(experiment_id, tags={**original.data.tags, "run_key": "x"})
     for name, value in original.data.params.items():
         client.log_param(run.info.run_id, name, value)
@@ -625,7 +625,8 @@ def test_from_run_refuses_an_incomplete_or_damaged_record_in_one_sentence(experi
     original = experiment["root"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    experiment_id = client.create_experiment("step_5")
+    # the artifacts beside the store: by default they would go to ./mlruns of the test process (the repository)
+    experiment_id = client.create_experiment("step_5", artifact_location=(tmp_path / "mlruns").as_uri())
     config = artifact(original, "config/resolved_config.json")
     if damage in ("killed", "failed", "running"):
         run_id = fake_root(client, experiment_id, original, damage.upper(), config, None, run_complete=None)

@@ -28,7 +28,7 @@ SUPPORTED = {"colour": "RGB", "resize": "bilinear"}  # what pets.load_image does
 
 
 class PetPhotos(mlflow.pyfunc.PythonModel):
-    """A fold's refit model behind the preprocessing its run logged (`config`: see register.py's photo_config)."""
+    """A fold's refit model behind the preprocessing its run logged (`config`: see registry.photo_config)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         device = torch.device(context.model_config.get("device", "cpu"))

@@ -55,17 +55,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"--fold {fold[0]}/{fold[1]}: root run {root.info.run_id} has no completed fold {fold[0]}/{fold[1]}."
         )
-    table.insert(
-        0,
-        "chosen",
-        ["  <-" if (r, n) == fold else "" for r, n in zip(table["root_split"], table["nested_split"], strict=True)],
-    )
+    chosen = (table["root_split"] == fold[0]) & (table["nested_split"] == fold[1])
+    table["chosen"] = chosen.map({True: "  <-", False: ""})
+    columns = ["root_split", "nested_split", "dev_roc_auc", "test_roc_auc", "chosen"]
     print(f"The completed folds of root run {root.info.run_id}:")
-    print(
-        table[["root_split", "nested_split", "dev_roc_auc", "test_roc_auc", "chosen"]].to_string(
-            index=False, float_format="{:.3f}".format
-        )
-    )
+    print(table[columns].to_string(index=False, float_format="{:.3f}".format))
     if args.fold is None:
         print(
             "Chosen: the best test ROC AUC. That choice makes its test score optimistic: what the method achieves "

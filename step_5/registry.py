@@ -20,6 +20,7 @@ import mlflow
 import pandas as pd
 import torch
 from mlflow.artifacts import load_text
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
@@ -38,7 +39,7 @@ SIGNATURE = ModelSignature(  # explicit: image files' bytes in (base64 over HTTP
 PACKAGES = ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas")
 
 
-def runs_of_refit(client: mlflow.MlflowClient, refit_id: str) -> tuple:
+def runs_of_refit(client: mlflow.MlflowClient, refit_id: str) -> tuple[Run, Run, Run]:
     """The refit run, its fold run and its root run; one sentence when the run is not a step-5 refit run."""
     refit = client.get_run(refit_id)
     if refit.data.tags.get("run_level") != "refit":
@@ -47,9 +48,8 @@ def runs_of_refit(client: mlflow.MlflowClient, refit_id: str) -> tuple:
     return refit, fold, client.get_run(fold.data.tags["mlflow.parentRunId"])
 
 
-def photo_config(client: mlflow.MlflowClient, refit_id: str) -> dict:
+def photo_config(refit: Run, fold: Run, root: Run) -> dict:
     """What the registered model needs besides the weights, read from the refit, fold and root runs' records."""
-    refit, fold, root = runs_of_refit(client, refit_id)
     try:
         preprocessing = json.loads(load_text(f"{root.info.artifact_uri}/config/preprocessing.json"))
     except (MlflowException, OSError):
@@ -71,14 +71,13 @@ def photo_config(client: mlflow.MlflowClient, refit_id: str) -> dict:
     }
 
 
-def lineage(client: mlflow.MlflowClient, refit_id: str) -> dict[str, str]:
+def lineage(refit: Run, fold: Run, root: Run) -> dict[str, str]:
     """The version's tags: which runs, data, split file, code and config made it, copied from the root run."""
-    refit, fold, root = runs_of_refit(client, refit_id)
     config = load_text(f"{root.info.artifact_uri}/config/resolved_config.json")
     return {
         "root_run_id": root.info.run_id,
         "fold_run_id": fold.info.run_id,
-        "refit_run_id": refit_id,
+        "refit_run_id": refit.info.run_id,
         "fold": f"{fold.data.tags['root_split_id']}/{fold.data.tags['nested_split_id']}",
         **{key: root.data.tags[key] for key in LINEAGE},
         "config_digest": hashlib.sha256(config.encode()).hexdigest(),  # of config/resolved_config.json
@@ -113,8 +112,8 @@ def register(client: mlflow.MlflowClient, refit_id: str, example: str) -> tuple[
     if found:
         version, new = found[0], False
     else:
-        config, tags = photo_config(client, refit_id), lineage(client, refit_id)
-        _, _, root = runs_of_refit(client, refit_id)
+        runs = runs_of_refit(client, refit_id)  # the refit, fold and root runs, read once
+        config, tags, root = photo_config(*runs), lineage(*runs), runs[2]
         image = Path(root.data.params["data.data_dir"]) / "oxford-iiit-pet" / "images" / example
         if not image.is_file():
             raise SystemExit(f"{image} is missing: register where train.py ran (one test image is the input example).")
@@ -135,7 +134,7 @@ def register(client: mlflow.MlflowClient, refit_id: str, example: str) -> tuple[
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        source = f"{client.get_run(refit_id).info.artifact_uri}/registered_model"
+        source = f"{runs[0].info.artifact_uri}/registered_model"
         version = client.create_model_version(
             NAME,
             source,
@@ -166,11 +165,11 @@ def load(client: mlflow.MlflowClient, uri: str, device: torch.device) -> tuple[o
         raise SystemExit(f"No model at {uri} in {mlflow.get_tracking_uri()}{hint}: check --model.") from None
     loader = info.flavors.get("python_function", {}).get("loader_module")
     if loader == "mlflow.pytorch":  # a refit run's own model: its preprocessing is read from its runs now
-        import photo_model
+        import photo_model  # its set_model() at import is harmless here: only PetPhotos is used
 
         if info.run_id is None:
             raise SystemExit(f"{uri} is a torch model outside any run: no preprocessing on record to apply.")
-        config = photo_config(client, info.run_id)
+        config = photo_config(*runs_of_refit(client, info.run_id))
         model = photo_model.PetPhotos()
         model.setup(mlflow.pytorch.load_model(uri), config, device)
         predict = lambda frame: model.predict(None, frame)  # noqa: E731

@@ -53,7 +53,21 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
         "--num-workers",
         type=int_in(0),
         help="DataLoader worker processes; when not given, 0 on a CPU (workers would compete with the model for "
-        "the cores) and 4 on a GPU (it needs images faster than one process decodes them)",
+        "the cores) and on a GPU one per core but one, at most 8 (it needs images faster than one process "
+        "augments them)",
+    )
+
+
+def add_amp_flag(parser: argparse.ArgumentParser, when_not_given: str = "") -> None:
+    """--amp/--no-amp: mixed precision on a CUDA GPU (bf16, or fp16 where the GPU has no bf16); fp32 elsewhere.
+
+    Its default is on; with `when_not_given` (a text with "{default}" in it) it defaults to None, as add_seed_flags'."""
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None if when_not_given else True,
+        help="mixed precision on a CUDA GPU: faster there, with other last bits than fp32; no effect on a CPU"
+        + when_not_given.format(default="on"),
     )
 
 
@@ -98,7 +112,7 @@ def pick_device(args: argparse.Namespace) -> torch.device:
             "use --device auto or --device cpu."
         )
     if args.num_workers is None:
-        args.num_workers = 0 if name == "cpu" else 4
+        args.num_workers = 0 if name == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
     return torch.device(name)
 
 

@@ -41,7 +41,7 @@ import runs
 from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
 from provenance import code_digest, log_provenance
 from splits import choose_folds, count_or_all, fold_indices, load_splits
-from training import seed_everything, train_and_evaluate
+from training import choose_precision, seed_everything, train_and_evaluate
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,6 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-nested-splits", type=count_or_all, default=2, help="and in each the first N inner folds")
     parser.add_argument("--root-split", type=common.int_in(0), help="run only this outer fold (with --nested-split)")
     parser.add_argument("--nested-split", type=common.int_in(0), help="run only this inner fold (with --root-split)")
+    common.add_amp_flag(parser)  # --amp/--no-amp: mixed precision on a CUDA GPU
     return parser.parse_args(argv)
 
 
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     folds = choose_folds(splits, args.n_root_splits, args.n_nested_splits, (args.root_split, args.nested_split))
     # What decides the results: the split file, seed, determinism, settings, device, thread count and the code
     code = code_digest(Path(__file__).resolve().parent)
-    machine = (str(device), args.num_threads)  # another device or thread count adds floats in another order
+    precision = choose_precision(device, args.amp).name  # bf16 or fp16 on a CUDA GPU (unless --no-amp), else fp32
+    machine = (str(device), args.num_threads, precision)  # another device, thread count or precision: other bits
     key = resume.run_key(splits["digest"], args.seed, args.deterministic, asdict(settings), machine, code)
     print(f"{len(folds)} fold(s) of {split_file} | {settings.backbone} at {settings.image_size} px on {device}")
 
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                 "deterministic": args.deterministic,
                 "quick": args.quick,
                 "device": str(device),
+                "amp": args.amp,
+                "precision": precision,
                 "data_dir": str(args.data_dir),
                 "k_root": len(splits["root_splits"]),
                 "k_nested": len(splits["root_splits"][0]["nested"]),

@@ -45,7 +45,7 @@ import studies
 from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
 from provenance import code_digest, log_provenance
 from splits import choose_folds, count_or_all, fold_indices, load_splits
-from training import build_model, fit, make_loaders, seed_everything, train_and_evaluate
+from training import build_model, choose_precision, fit, make_loaders, seed_everything, train_and_evaluate
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def search(
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"dev ROC AUC {dev_auc:.3f} after epoch {epoch}: below the median")
 
-            best = fit(model, loaders, trial_settings, device, report)
+            best = fit(model, loaders, trial_settings, device, report, choose_precision(device, args.amp))
             mlflow.log_metric("dev_roc_auc", best["dev_roc_auc"])
         return best["dev_roc_auc"]
 
@@ -210,6 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-trials", type=common.int_in(1), default=3, help="finished trials in each fold's search")
     studies.add_storage_flag(parser)  # --storage: where the Optuna studies are kept
     parser.add_argument("--pruning", action=argparse.BooleanOptionalAction, default=True, help="stop lagging trials")
+    common.add_amp_flag(parser)  # --amp/--no-amp: mixed precision on a CUDA GPU
     return parser.parse_args(argv)
 
 
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     pruning = PRUNING if args.pruning else None
     # What decides the results: the split file, seed, determinism, settings, search, device, threads and the code
     code = code_digest(Path(__file__).resolve().parent)
-    machine = (str(device), args.num_threads)  # another device or thread count adds floats in another order
+    precision = choose_precision(device, args.amp).name  # bf16 or fp16 on a CUDA GPU (unless --no-amp), else fp32
+    machine = (str(device), args.num_threads, precision)  # another device, thread count or precision: other bits
     search_key = resume.run_key(
         splits["digest"], args.seed, args.deterministic, asdict(settings), space, pruning, machine, code
     )
@@ -307,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
                 "deterministic": args.deterministic,
                 "quick": args.quick,
                 "device": str(device),
+                "amp": args.amp,
+                "precision": precision,
                 "data_dir": str(args.data_dir),
                 "k_root": len(splits["root_splits"]),
                 "k_nested": len(splits["root_splits"][0]["nested"]),

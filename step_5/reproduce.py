@@ -270,9 +270,21 @@ def rerun_of(original: Original | None, device: torch.device) -> tuple[str, dict
     return None if original is None else (original.run.info.run_id, environment(device))
 
 
-def warn_differences(original: Original | None, code_dir: Path, device: torch.device) -> list[str]:
-    """For a rerun: print, and return, how this code, software and hardware differ from the original run's."""
+def precision_difference(original: Original, precision: str) -> list[str]:
+    """The precision differs when the hardware or --amp does (a record without one ran in fp32), as the device may:
+    a rerun runs how this machine and its flags say, and says so."""
+    then = original.run.data.params.get("precision", "fp32")
+    return (
+        []
+        if then == precision
+        else [f"precision: {then} then, {precision} now (--amp, --no-amp and the GPU decide it)"]
+    )
+
+
+def warn_differences(original: Original | None, code_dir: Path, device: torch.device, precision: str) -> list[str]:
+    """For a rerun: print, and return, how this code, software, hardware and precision differ from the original's."""
     differences = [] if original is None else environment_differences(original, code_dir, device)
+    differences += [] if original is None else precision_difference(original, precision)
     for difference in differences:
         print(f"WARNING not as in run {original.run.info.run_id}: {difference}", file=sys.stderr)
     return differences

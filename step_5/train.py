@@ -44,7 +44,7 @@ import studies
 from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
 from provenance import code_digest, log_provenance
 from splits import CONFIG_KEYS, choose_folds, fold_indices, load_splits
-from training import build_model, fit, make_loaders, seed_everything, train_and_evaluate
+from training import build_model, choose_precision, fit, make_loaders, seed_everything, train_and_evaluate
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: what the experiment is lives in a config file, logged with every run: config.py (the default),
@@ -100,7 +100,7 @@ def search(
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"dev ROC AUC {dev_auc:.3f} after epoch {epoch}: below the median")
 
-            best = fit(model, loaders, trial_settings, device, report)
+            best = fit(model, loaders, trial_settings, device, report, choose_precision(device, args.amp))
             mlflow.log_metric("dev_roc_auc", best["dev_roc_auc"])
         return best["dev_roc_auc"]
 
@@ -128,6 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--from-run", metavar="RUN_ID", help="rerun a logged root run; says if it came back")
     common.add_device_flags(parser)
     common.add_seed_flags(parser, DEFAULT_SEED, when_not_given="; not given: the run's with --from-run, else {default}")
+    common.add_amp_flag(parser)  # --amp/--no-amp: mixed precision on a CUDA GPU
     return parser.parse_args(argv)
 
 
@@ -204,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     space = settings.search_space(config)
     # What decides the results: the split file, seed, determinism, config, device, threads and the code
     code = code_digest(Path(__file__).resolve().parent)
-    machine = (str(device), args.num_threads)  # another device or thread count adds floats in another order
+    precision = choose_precision(device, args.amp).name  # bf16 or fp16 on a CUDA GPU (unless --no-amp), else fp32
+    machine = (str(device), args.num_threads, precision)  # another device, thread count or precision: other bits
     rerun = reproduce.rerun_of(original, device)  # a rerun: the run it reruns, the packages and the hardware
     search_key = resume.run_key(
         splits["digest"], args.seed, args.deterministic, settings.recipe(config), machine, code, rerun
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(folds)} fold(s) of {split_file}, {config.search.n_trials} trials each | {config.model.backbone} at "
         f"{config.data.image_size} px on {device} | Optuna studies in {config.search.storage}"
     )
-    differences = reproduce.warn_differences(original, CONFIG.parent, device)
+    differences = reproduce.warn_differences(original, CONFIG.parent, device, precision)
 
     def record() -> None:  # what defines the root run, written once, when it is new
         mlflow.set_tags({"split_file": str(split_file), "split_file_digest": splits["digest"]})
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": args.seed,
                 "deterministic": args.deterministic,
                 "device": str(device),
+                "amp": args.amp,
+                "precision": precision,
                 "k_root": len(splits["root_splits"]),
                 "k_nested": len(splits["root_splits"][0]["nested"]),
             }

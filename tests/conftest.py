@@ -75,7 +75,7 @@ def client_in(cwd: Path) -> mlflow.MlflowClient:
 
 def command_from_record(client: mlflow.MlflowClient, fold_run: mlflow.entities.Run, folder: Path) -> list[str]:
     """The train.py flags that rerun one fold of steps 3 and 4, from what MLflow recorded alone: the root run's
-    params (seed, quick, device, data folder, deterministic; trials and pruning in step 4) and logged split file
+    params (seed, quick, device, data folder, deterministic, amp; trials and pruning in step 4) and logged split file
     (downloaded into `folder`), the fold run's params (threads, workers) and tags (which fold). Nothing else."""
     root = client.get_run(fold_run.data.tags["mlflow.parentRunId"])
     params, fold = root.data.params, fold_run.data.params
@@ -87,6 +87,7 @@ def command_from_record(client: mlflow.MlflowClient, fold_run: mlflow.entities.R
         "--root-split", fold_run.data.tags["root_split_id"], "--nested-split", fold_run.data.tags["nested_split_id"],
         *(["--quick"] if params["quick"] == "True" else []),
         "--deterministic" if params["deterministic"] == "True" else "--no-deterministic",
+        "--amp" if params["amp"] == "True" else "--no-amp",
     ]  # fmt: skip
     if "n_trials" in params:  # step 4: the search's budget and pruning (its storage is this folder's own)
         flags += ["--n-trials", params["n_trials"], "--pruning" if params["pruning"] == "True" else "--no-pruning"]
@@ -127,6 +128,7 @@ def scramble_test_split(train: object, root: int, folder: Path, monkeypatch: pyt
     monkeypatch.setattr(train, "load_splits", flipped)
     monkeypatch.setitem(reader, "load_image", noisy)
     monkeypatch.setitem(reader, "_decoded", {})  # no image decoded before in this process is reused
+    monkeypatch.setitem(train.train_and_evaluate.__globals__, "FEATURES", {})  # nor features of images (training.py)
 
 
 STEP_LOCAL = tuple(sorted({path.stem for path in REPO.glob("step_*/*.py")}))  # every step-local module name

@@ -5,6 +5,7 @@ the images decoded once per process (pets.py)."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -46,9 +47,13 @@ def test_helper_modules_are_copied_unchanged_from_the_previous_step():
 
 HOOKED = {  # what of step 2's training core training.py changes, and why (step 3's README names the same)
     "Settings": "not step 2's dataclass but what the training reads from it: any object with those attributes serves",
-    "train_phase": "a `report` callback after every epoch, for a search's pruner (step 4)",
-    "fit": "the `report` callback, and a weight decay per phase (step 4 searches both)",
+    "train_phase": "a `report` callback after every epoch, for a search's pruner (step 4); the precision",
+    "fit": "the `report` callback, a weight decay per phase (step 4 searches both), the warm-up on cached features",
     "train_and_evaluate": "its loaders built by `make_loaders`, which a trial without test images uses too",
+    "PetClassifier": "its forward also takes the backbone's features, which the warm-up trains the head on",
+    "train_one_epoch": "mixed precision on a CUDA GPU (autocast, a gradient scaler for fp16, channels_last)",
+    "predict": "mixed precision",
+    "log_outputs": "the model logged in its plain memory layout (channels_last on a GPU with mixed precision)",
 }
 
 
@@ -241,3 +246,17 @@ def test_decoded_images_are_the_decoded_bytes_once_per_process(make_standin, tmp
     capped = pets.DecodedImages(paths[2:5], 32)  # three new ones: one kept, two decoded whenever they are read
     assert [image is None for image in capped.images] == [False, True, True] and len(loads) == 1
     assert torch.equal(capped[2], load(paths[4], 32)) and len(loads) == 2
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(16, 8), (4, 3), (2, 1), (1, 1)])
+def test_the_worker_default_is_0_on_a_cpu_and_follows_the_cores_on_a_gpu(cores, expected, monkeypatch):
+    """--num-workers not given: 0 on a CPU, and on a GPU one per core but one, at most 8 (common.py, every step);
+    given, it is kept. No GPU is needed: pick_device only names the device."""
+    common = load_step_module("step_3", "common")
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device, workers in (("cpu", 0), ("cuda", expected)):
+        args = argparse.Namespace(device=device, num_workers=None)
+        assert common.pick_device(args).type == device and args.num_workers == workers
+    args = argparse.Namespace(device="cuda", num_workers=5)
+    assert common.pick_device(args).type == "cuda" and args.num_workers == 5

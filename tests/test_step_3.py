@@ -230,6 +230,26 @@ def test_a_fold_is_rerun_bit_for_bit_from_its_record_alone(cv, tmp_path):
     )
 
 
+def test_worker_processes_change_no_bit(cv, tmp_path):
+    """Fold 2/0 again, from its record, but with two worker processes augmenting the images: the metrics and
+    predictions of the fixture's run without workers, bit for bit. Workers that drew the augmentation from their own
+    random state instead of the per-sample seed would give other bits, and so would workers kept for the loader's
+    life (persistent_workers), which change the shuffling order: the DataLoader draws its workers' seed from the
+    generator that shuffles whenever it starts them."""
+    (original,) = fold_runs(cv["client"])[(2, 0)]
+    flags = command_from_record(cv["client"], original, tmp_path)
+    assert flags[flags.index("--num-workers") + 1] == "0"
+    flags[flags.index("--num-workers") + 1] = "2"
+    (cwd := tmp_path / "workers").mkdir()
+    run_script("step_3/train.py", *flags, cwd=cwd)
+    (again,) = fold_runs(client_in(cwd))[(2, 0)]
+    assert again.data.params["num_workers"] == "2"
+    assert again.data.metrics == original.data.metrics
+    assert logged_predictions(client_in(cwd), again.info.run_id, tmp_path) == logged_predictions(
+        cv["client"], original.info.run_id, tmp_path
+    )
+
+
 def test_dead_pid_sweep_marks_only_dead_processes_on_this_host(tmp_path):
     resume = load_step_module("step_3", "resume")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -377,8 +397,84 @@ def test_the_warm_up_moves_the_head_and_nothing_of_the_frozen_backbone(step3, tm
     assert not torch.equal(before["head.0.weight"], best["state"]["head.0.weight"])
     optimizer = torch.optim.AdamW(model.head.parameters())
     with mlflow.start_run():
-        train.train_one_epoch(model, loaders["warmup"], optimizer, torch.device("cpu"), freeze_backbone=False, epoch=1)
+        cpu = torch.device("cpu")
+        train.train_one_epoch(model, loaders["warmup"], optimizer, cpu, 1, False, train.Precision("cpu", "fp32"))
     assert not torch.equal(before["backbone.bn1.running_mean"], model.state_dict()["backbone.bn1.running_mean"])
+
+
+def count_calls(module: torch.nn.Module) -> list:
+    """A list that grows by one with every forward call of the module."""
+    calls: list = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_the_warm_up_features_are_the_frozen_backbones_computed_once(step3, make_standin, tmp_path):
+    """The warm-up's features are the eval-mode backbone's output for the loader's batches, bit for bit; a second
+    model with the same weights reads them from this process's cache without running its backbone; other weights or
+    a changed image file compute them again; the feature loader shuffles in the image loader's order."""
+    train, settings = step3.training, step3.train.QUICK
+    folder = make_standin(N_SMALL) / "oxford-iiit-pet" / "images"
+    (copies := tmp_path / "images").mkdir()  # copies: one of them is changed below
+    paths = [Path(shutil.copy2(path, copies)) for path in sorted(folder.glob("*.jpg"))[:40]]
+    labels = np.arange(40) % 2
+    args = SimpleNamespace(seed=0, num_workers=0)
+    split = {"train": np.arange(0, 24), "dev": np.arange(24, 40)}
+    fp32, cpu = train.Precision("cpu", "fp32"), torch.device("cpu")
+
+    def features(seed: int) -> tuple[dict, list, dict]:
+        torch.manual_seed(seed)
+        model = train.build_model(settings)
+        loaders = train.make_loaders(paths, labels, split, settings, args, cpu)
+        calls = count_calls(model.backbone)
+        made = train.frozen_features(model.backbone, {"train": loaders["warmup"], "dev": loaders["dev"]}, fp32)
+        return made, calls, {"model": model, **loaders}
+
+    made, calls, first = features(seed=0)
+    assert len(calls) == 2  # one batch of 24 train images, one of 16 dev images (batches of 32)
+    model = first["model"].eval()
+    with torch.no_grad():
+        for name, loader in (("train", first["warmup"]), ("dev", first["dev"])):
+            expected = torch.cat([model.backbone(images) for images, _ in DataLoader(loader.dataset, 32)])
+            assert torch.equal(made[name].dataset.features, expected), name
+    assert list(made["train"].sampler) == list(first["warmup"].sampler)  # the same shuffling order
+    assert list(made["dev"].sampler) == list(range(16))
+
+    again, calls, _ = features(seed=0)
+    assert not calls and all(torch.equal(again[n].dataset.features, made[n].dataset.features) for n in made)
+    _, calls, _ = features(seed=1)
+    assert len(calls) == 2  # other weights
+    os.utime(paths[30], ns=(1, 1))  # a dev image's file changed (its modification time)
+    again, calls, _ = features(seed=0)
+    assert len(calls) == 1 and torch.equal(again["train"].dataset.features, made["train"].dataset.features)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_mixed_precision_reruns_bit_for_bit_with_fp32_weights(step3, tmp_path, monkeypatch, name):
+    """The mixed-precision path that a CUDA GPU takes by default (autocast, channels_last, for fp16 the gradient
+    scaler), run on the CPU: a warm-up and a fine-tuning epoch twice from the same seed give the same bits, the
+    weights stay fp32, the phase runs log the precision, and the bits differ from fp32's. On a CPU the default is
+    fp32, with or without --amp."""
+    train = step3.training
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    settings = dataclasses.replace(step3.train.QUICK, warmup_epochs=1, finetune_epochs=1)
+    loaders = {"warmup": tiny_loader(0), "dev": tiny_loader(1)}
+    loaders["train"] = loaders["warmup"]
+
+    def fit(precision: str) -> dict:
+        torch.manual_seed(0)
+        model = train.build_model(settings)
+        best = train.fit(model, loaders, settings, torch.device("cpu"), precision=train.Precision("cpu", precision))
+        return best["state"]
+
+    first, second, fp32 = fit(name), fit(name), fit("fp32")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert all(v.dtype == torch.float32 for v in first.values() if v.is_floating_point())
+    assert not all(torch.equal(first[k], fp32[k]) for k in first)
+    assert train.Precision("cpu", name).scaler.is_enabled() == (name == "fp16")
+    phases = mlflow.search_runs(search_all_experiments=True)
+    assert sorted(phases["params.precision"]) == sorted([name, name, name, name, "fp32", "fp32"])
+    assert {train.choose_precision(torch.device("cpu"), amp).name for amp in (True, False)} == {"fp32"}
 
 
 # ----------------------------------------------------------------------------------------------------------

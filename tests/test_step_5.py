@@ -17,6 +17,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.request import Request, urlopen
 
 import mlflow
@@ -312,6 +313,7 @@ def test_from_run_reruns_a_fold_bit_for_bit(experiment):
         new.data.params["seed"] == "0"
         and new.data.tags["split_file_digest"] == experiment["root"].data.tags["split_file_digest"]
     )
+    assert (new.data.params["amp"], new.data.params["precision"]) == ("True", "fp32")  # --amp is on; on a CPU: fp32
     verdict = json.loads(artifact(new, "reproduction/verdict.json"))
     assert verdict["folds"]["0/0"]["changes"] == {m: 0.0 for m in FOLD_METRICS}
 
@@ -349,6 +351,20 @@ def test_from_run_detects_a_changed_setting(experiment):
     assert verdict == reproduce.verdict_of(before[(0, 1)].data.metrics, after.data.metrics, same, spread)
     assert f"fold 0/1: {verdict}: " in rerun.stdout and "-> " in rerun.stdout
     assert "with --set cv.root_split=0 cv.nested_split=1 search.n_trials=1 training.finetune_epochs=1" in rerun.stdout
+
+
+def test_a_rerun_in_another_precision_says_so():
+    """--from-run runs in this machine's precision (--amp, --no-amp and the GPU decide it), as on this machine's
+    device; when it is not the original's, the rerun warns. A record without one ran in fp32."""
+    reproduce = load_step_module("step_5", "reproduce")
+
+    def original(**params: str) -> SimpleNamespace:
+        return SimpleNamespace(run=SimpleNamespace(data=SimpleNamespace(params=params)))
+
+    assert reproduce.precision_difference(original(precision="fp32"), "fp32") == []
+    assert reproduce.precision_difference(original(), "fp32") == []
+    (warning,) = reproduce.precision_difference(original(precision="bf16"), "fp32")
+    assert warning.startswith("precision: bf16 then, fp32 now")
 
 
 def test_verdicts():

@@ -1,10 +1,12 @@
-"""Where a training epoch's time goes, before and after the decoded-image cache: model, loader, end to end.
+"""Where a training epoch's time goes, before and after the decoded-image cache: model, loader, end to end; and
+what steps 3 to 5's training.py changes: the warm-up on cached features, mixed precision on a GPU.
 
-Step 2's training core (the one steps 3 to 5 hold in training.py) on a CUDA GPU when there is one, else on the CPU;
---quick takes step 2's quick settings (ResNet-18, 64 px), the default its full ones (DenseNet-121 at 224 px, batch
-32, weights=None: the same compute, no download). In one run, interleaved --repeats times (median, min–max):
+Step 2's training core on a CUDA GPU when there is one, else on the CPU; --quick takes step 2's quick settings
+(ResNet-18, 64 px), the default its full ones (DenseNet-121 at 224 px, batch 32, weights=None: the same compute, no
+download). In one run, interleaved --repeats times (median, min–max):
 
     model            images/s of training steps (forward, backward, AdamW; all layers) on batches already in memory
+    model amp        the same with step 3's mixed precision (only on a CUDA GPU: on a CPU it is fp32, the same)
     inference        images/s of the model in eval mode without gradients on batches in memory (as `predict`)
     loader before    images/s of one pass over the fine-tuning DataLoader (AutoAugment on), every image decoded
                      from its file every epoch: the code before pets.DecodedImages
@@ -12,9 +14,13 @@ Step 2's training core (the one steps 3 to 5 hold in training.py) on a CUDA GPU 
     finetune before  images/s of `train_one_epoch` over the real fine-tuning loader, before
     finetune after   the same, after
     warmup after     images/s of a warm-up epoch: `train_one_epoch` with the backbone frozen over unaugmented images
+    warmup step 2    images/s of a whole warm-up (step 2: that epoch, warmup_epochs times)
+    warmup step 3    images/s of a whole warm-up in step 3's training.py: the frozen backbone's features computed
+                     once (training.frozen_features), then warmup_epochs epochs of the head on them
 
 On a GPU it also samples nvidia-smi once a second during each end-to-end measurement: the median of "GPU busy".
-finetune/model = 1.0 means the model never waits for data. Run from the repository root:
+finetune/model = 1.0 means the model never waits for data; a whole warm-up / one inference pass says how many
+passes of the frozen backbone the warm-up costs. Run from the repository root:
 
     python benchmarks/gpu_throughput.py --quick --workers 0        # the CPU, small: ~1 min on 2 cores
     python benchmarks/gpu_throughput.py --workers 4 8 --images 1024 --repeats 3   # a GPU, the full settings
@@ -36,7 +42,7 @@ from pathlib import Path
 import torch
 from data_pipeline import cpu_model, rate, spread
 
-from step_module import load_train
+from step_module import load_module, load_train
 
 
 class DecodedEveryTime:
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     train.runs.log_step_losses = lambda *_, **__: None  # no MLflow run here: the training alone is measured
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     pets = importlib.import_module("pets")  # step 2's, on sys.path since load_train
+    training = load_module("step_3", "training")  # steps 3 to 5's core (its helpers: step 2's identical copies)
     settings = train.QUICK if args.quick else dataclasses.replace(train.FULL, pretrained=False)
     train.seed_everything(0, True, torch.get_num_threads())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     paths, labels = train.read_annotations(train.dataset_folder(args.data_dir))
     paths, labels = train.drop_undecodable(paths[: args.images + 16], labels[: args.images + 16], settings.image_size)
     paths, labels = paths[: args.images], labels[: args.images]
-    model = train.build_model(settings).to(device)
+    model = training.build_model(settings).to(device)  # step 2's PetClassifier, whose forward also takes features
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr)
 
     def loader(after: bool, augment: bool, workers: int) -> torch.utils.data.DataLoader:
@@ -129,6 +136,24 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    amp, fp32 = training.choose_precision(device, True), training.Precision(device.type, "fp32")
+
+    def amp_epoch(batches: object) -> None:
+        model.to(memory_format=amp.memory_format)
+        training.train_one_epoch(model, batches, optimizer, device, 1, False, amp)
+        model.to(memory_format=torch.contiguous_format)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def warmup_step_3(workers: int) -> None:
+        training.FEATURES.clear()  # computed every time: what one trial pays, not what later trials pay
+        model.backbone.requires_grad_(False)
+        features = training.frozen_features(model.backbone, {"train": loader(True, False, workers)}, fp32)["train"]
+        for _ in range(settings.warmup_epochs):
+            training.train_one_epoch(model, features, optimizer, device, 1, True, fp32)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     in_memory = [(x.to(device), y.to(device)) for x, y in loader(True, True, 0)]
     epoch(in_memory[:1])  # first-call allocations and cuDNN set-up are not measured
     n = len(paths)
@@ -136,11 +161,17 @@ def main(argv: list[str] | None = None) -> None:
         "model": lambda: rate(lambda: epoch(in_memory), n),
         "inference": lambda: rate(inference, n),
     }
+    if amp.name != "fp32":
+        todo[f"model amp {amp.name}"] = lambda: rate(lambda: amp_epoch(in_memory), n)
     for w in args.workers:
         for when, after in (("before", False), ("after", True)):
             todo[f"loader {when} w{w}"] = lambda a=after, w=w: rate(lambda: deque(loader(a, True, w), maxlen=0), n)
             todo[f"finetune {when} w{w}"] = lambda a=after, w=w: rate(lambda: epoch(loader(a, True, w)), n)
         todo[f"warmup after w{w}"] = lambda w=w: rate(lambda: epoch(loader(True, False, w), frozen=True), n)
+        todo[f"warmup step 2 w{w}"] = lambda w=w: rate(
+            lambda: [epoch(loader(True, False, w), frozen=True) for _ in range(settings.warmup_epochs)], n
+        )
+        todo[f"warmup step 3 w{w}"] = lambda w=w: rate(lambda: warmup_step_3(w), n)
     rates: dict[str, list[float]] = {label: [] for label in todo}
     busy: dict[str, list[float]] = {label: [] for label in todo}
     for repeat in range(args.repeats):
@@ -163,6 +194,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  finetune after / before, {w} workers: {spread(speedup, 2)}")
     warm = [a / b for a, b in zip(rates[f"warmup after w{args.workers[0]}"], rates["inference"], strict=True)]
     print(f"  warmup epoch / one inference pass (images/s): {spread(warm, 2)}")
+    for step in (2, 3):  # time of a whole warm-up over the time of one inference pass
+        passes = [
+            b / a for a, b in zip(rates[f"warmup step {step} w{args.workers[0]}"], rates["inference"], strict=True)
+        ]
+        print(
+            f"  step {step}: a whole warm-up ({settings.warmup_epochs} epochs) / an inference pass: {spread(passes, 2)}"
+        )
+    if amp.name != "fp32":
+        ratio = [a / b for a, b in zip(rates[f"model amp {amp.name}"], rates["model"], strict=True)]
+        print(f"  model {amp.name} / fp32: {spread(ratio, 2)}")
 
 
 if __name__ == "__main__":

@@ -18,3 +18,12 @@ def load_train(step: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses (and worker pickling) look the module up by name
     spec.loader.exec_module(module)
     return module
+
+
+def load_module(step: str, name: str) -> ModuleType:
+    """Import <step>/<name>.py beside a step loaded by load_train: its imports of helper modules get that step's."""
+    spec = importlib.util.spec_from_file_location(f"{step}_{name}", REPO / step / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

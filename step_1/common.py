@@ -58,16 +58,13 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_amp_flag(parser: argparse.ArgumentParser, when_not_given: str = "") -> None:
-    """--amp/--no-amp: mixed precision on a CUDA GPU (bf16, or fp16 where the GPU has no bf16); fp32 elsewhere.
-
-    Its default is on; with `when_not_given` (a text with "{default}" in it) it defaults to None, as add_seed_flags'."""
+def add_amp_flag(parser: argparse.ArgumentParser) -> None:
+    """--amp/--no-amp: mixed precision on a CUDA GPU (bf16, or fp16 where the GPU has no bf16); fp32 elsewhere."""
     parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
-        default=None if when_not_given else True,
-        help="mixed precision on a CUDA GPU: faster there, with other last bits than fp32; no effect on a CPU"
-        + when_not_given.format(default="on"),
+        default=True,
+        help="mixed precision on a CUDA GPU: faster there, with other last bits than fp32; no effect on a CPU",
     )
 
 

@@ -274,11 +274,9 @@ def precision_difference(original: Original, precision: str) -> list[str]:
     """The precision differs when the hardware or --amp does (a record without one ran in fp32), as the device may:
     a rerun runs how this machine and its flags say, and says so."""
     then = original.run.data.params.get("precision", "fp32")
-    return (
-        []
-        if then == precision
-        else [f"precision: {then} then, {precision} now (--amp, --no-amp and the GPU decide it)"]
-    )
+    if then == precision:
+        return []
+    return [f"precision: {then} then, {precision} now (--amp, --no-amp and the GPU decide it)"]
 
 
 def warn_differences(original: Original | None, code_dir: Path, device: torch.device, precision: str) -> list[str]:

@@ -8,7 +8,6 @@ fitted on dev, and saves the ROC curve and the score distribution of each class 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from sklearn.metrics import (  # noqa: E402
     f1_score,
     roc_auc_score,
 )
+
+import common  # noqa: E402
 
 RESULTS_DIR = Path("results/step_1")  # where train.py wrote (and overwrote) its outputs
 
@@ -77,9 +78,7 @@ def plot_score_distributions(table: pd.DataFrame, threshold: float, path: Path) 
 
 def main(argv: list[str] | None = None) -> None:
     """Print the test metrics at the saved threshold and save the figures next to the predictions."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where train.py wrote its outputs")
     args = parser.parse_args(argv)
 

@@ -12,7 +12,6 @@ scores equal the logged ones bit for bit (tag `model_check`): the model on recor
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 from pathlib import Path
@@ -41,6 +40,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
 )
 
+import common  # noqa: E402
 import pets  # noqa: E402
 
 EXPERIMENT = "step_2"  # where step_2/train.py records its runs
@@ -143,9 +143,7 @@ def plot_confusion_matrix(matrix: np.ndarray) -> plt.Figure:
 
 def main(argv: list[str] | None = None) -> None:
     """Print the test metrics at the run's threshold and log them and the figures onto the run."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument("--run-id", help="the run to analyse (default: the latest finished step-2 root run)")
     args = parser.parse_args(argv)
 

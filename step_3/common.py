@@ -1,10 +1,12 @@
 """What the scripts of every step share, byte-identical in every step: the command-line flags that say where and
-how to run (device, workers, seed, threads), whole-number flags that reject a bad value in one sentence, and an
-ImageNet backbone whose weights, offline, are one clear sentence instead of a traceback."""
+how to run (device, workers, seed, threads), whole-number flags that reject a bad value in one sentence, an
+ImageNet backbone whose weights, offline, are one clear sentence instead of a traceback, and a quick exit."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import urllib.error
 from collections.abc import Callable
@@ -14,6 +16,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where it is used: scripts/make_standin.py takes int_in without it
     import torch
     from torch import nn
+
+# Every script imports this module. When a script ends, Python collects its garbage once more over every object
+# torch, MLflow and scikit-learn made: about 1.5 s per script on 2 cores, for nothing, since the process ends anyway.
+# Frozen objects are not collected, so the exit skips that. Nothing is lost: the scripts close their files and runs
+# themselves (with-blocks; MLflow ends its runs in its own exit handler), and freezing stops no exit handler.
+atexit.register(gc.freeze)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -137,10 +137,10 @@ def test_each_fold_reads_only_its_own_images(cv, split_file, tmp_path):
 def test_quick_caps_bite_at_full_quick_size(step3, make_standin, tmp_path):
     """One fold at a size where --quick's caps apply to train, dev and test: the fold reads exactly the seeded
     stratified subsample of its own parts (QUICK_SHARES of QUICK.max_images), nothing else."""
-    data_dir = make_standin(1100)
+    data_dir = make_standin(step3.train.QUICK.max_images + 200)  # step 1's test builds this size too
     path = tmp_path / "splits.json"
-    run_script(
-        "step_3/make_dataset_splits.py", "--data-dir", str(data_dir), "--k-root", "2", "--k-nested", "5",
+    run_script(  # 3 x 5 folds of 800 images: a test part of ~267, a nested dev part of ~107 and train of ~427
+        "step_3/make_dataset_splits.py", "--data-dir", str(data_dir), "--k-root", "3", "--k-nested", "5",
         "--output", str(path), cwd=tmp_path,
     )  # fmt: skip
     args = [

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: scripts/make_standin.py
     from torch import nn
 
 # Every script imports this module. When a script ends, Python collects its garbage once more over every object
-# torch, MLflow and scikit-learn made: about 1.5 s per script on 2 cores, for nothing, since the process ends anyway.
+# torch, MLflow and scikit-learn made: 1.5 to 2 s per script on 2 cores, for nothing, since the process ends anyway.
 # Frozen objects are not collected, so the exit skips that. Nothing is lost: the scripts close their files and runs
 # themselves (with-blocks; MLflow ends its runs in its own exit handler), and freezing stops no exit handler.
 atexit.register(gc.freeze)

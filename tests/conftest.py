@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import os
 import signal
 import socket
@@ -66,6 +67,39 @@ def main_in_process(train: object, argv: list[str], cwd: Path, monkeypatch: pyte
             signal.signal(signum, handler)
         mlflow.set_tracking_uri(None)
         os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment also sets it for subprocesses
+
+
+@contextlib.contextmanager
+def torch_settings_kept() -> Iterator[None]:
+    """main() sets torch's thread count and deterministic mode for the whole process: put them back after it."""
+    import torch  # here, not at the top: this module sets the MKL variables before anything imports torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def main_captured(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python <script> <args>` from `cwd` as run_script runs it, but as main(argv) in this process (a new load of the
+    step's modules, torch's settings put back afterwards), with its printout captured: a new process pays about 6 s
+    of imports. For the shared runs whose tests read results and printout back; an exit status, a clean stop or a
+    fresh process's environment is tested through run_script."""
+    step, name = script.removesuffix(".py").split("/")
+    module, out, err = load_step_module(step, name), io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, torch_settings_kept():
+        patch.setattr(sys, "argv", [str(REPO / script), *args])  # the command the runs record, as run_script's
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                main_in_process(module, list(args), cwd, patch)
+        except (Exception, SystemExit) as error:
+            pytest.fail(
+                f"{script} {' '.join(args)} raised {error!r}\n"
+                f"--- stdout ---\n{out.getvalue()[-4000:]}\n--- stderr ---\n{err.getvalue()[-4000:]}"
+            )
+    return subprocess.CompletedProcess([script, *args], 0, out.getvalue(), err.getvalue())
 
 
 def client_in(cwd: Path) -> mlflow.MlflowClient:

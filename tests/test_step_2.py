@@ -25,6 +25,7 @@ from conftest import (
     REPO,
     load_step_module,
     logged_predictions,
+    main_captured,
     main_in_process,
     mlflow_server,
     run_script,
@@ -74,6 +75,10 @@ SAMPLED = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
 # The fixture's runs: (seed, workers, threads). Seed 0 with 0 workers, with 2 workers, with 1 thread; seed 1 with 2
 # workers and 1 thread (no value at its default).
 RUNS = {"a": ("0", "0", "2"), "b": ("0", "2", "2"), "d": ("0", "0", "1"), "c": ("1", "2", "1")}
+# a and d run as processes of their own, as a user runs them: a's record and printout are read, and d must differ
+# from a by its thread count alone. b and c run as main() in this process: that saves a process's imports, and their
+# comparisons with a and with c's rerun then span two kinds of process.
+IN_THIS_PROCESS = {"b", "c"}
 
 
 def quick_args(data_dir: Path, seed: str, workers: str, threads: str) -> list[str]:
@@ -83,11 +88,14 @@ def quick_args(data_dir: Path, seed: str, workers: str, threads: str) -> list[st
 
 @pytest.fixture(scope="module")
 def runs(make_standin, tmp_path_factory) -> dict:
-    """The four quick runs of RUNS, in this order, in one store; then analyze."""
+    """The four quick runs of RUNS, in this order, in one store; then analyze (a process of its own)."""
     data_dir, cwd = make_standin(N_SMALL), tmp_path_factory.mktemp("step2")
     ids = {}
     for name, flags in RUNS.items():
-        proc = run_script("step_2/train.py", *quick_args(data_dir, *flags), cwd=cwd, env=AS_A_USER_SHELL | SAMPLED)
+        if name in IN_THIS_PROCESS:
+            proc = main_captured("step_2/train.py", *quick_args(data_dir, *flags), cwd=cwd)
+        else:
+            proc = run_script("step_2/train.py", *quick_args(data_dir, *flags), cwd=cwd, env=AS_A_USER_SHELL | SAMPLED)
         ids[name] = root_run_id(proc.stdout)
         ids[f"{name}_stdout"] = proc.stdout
     analyzed = run_script("step_2/analyze_predictions.py", "--run-id", ids["a"], cwd=cwd)
@@ -354,7 +362,7 @@ def test_analyze_logs_metrics_and_figures_without_reopening(runs):
 
 
 def test_analyze_defaults_to_latest_finished_run_and_refuses_unknown_ones(runs):
-    latest = run_script("step_2/analyze_predictions.py", cwd=runs["cwd"])
+    latest = main_captured("step_2/analyze_predictions.py", cwd=runs["cwd"])
     assert f"Run {runs['ids']['c']}:" in latest.stdout  # seed 1 ran last
     proc = run_script("step_2/analyze_predictions.py", "--run-id", "0123abcd", cwd=runs["cwd"], check=False)
     assert proc.returncode != 0 and "No run with id 0123abcd" in proc.stderr and "Traceback" not in proc.stderr

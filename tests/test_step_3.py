@@ -5,7 +5,6 @@ written (tests/README.md lists the planted bugs these tests catch)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -18,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,9 +32,11 @@ from conftest import (
     command_from_record,
     load_step_module,
     logged_predictions,
+    main_captured,
     main_in_process,
     run_script,
     scramble_test_split,
+    torch_settings_kept,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,11 +66,12 @@ def fold_runs(client: mlflow.MlflowClient, complete_only: bool = True) -> dict[t
 
 @pytest.fixture(scope="module")
 def cv(split_file, tmp_path_factory) -> dict:
-    """The default 2 x 2 folds, then one more fold alone with the same settings, then the analysis."""
-    cwd = tmp_path_factory.mktemp("step3")
-    first = run_script("step_3/train.py", *train_args(split_file), cwd=cwd)
-    single = run_script("step_3/train.py", *train_args(split_file, "--root-split", "2", "--nested-split", "0"), cwd=cwd)
-    analysis = run_script("step_3/analyze_predictions.py", cwd=cwd)
+    """The default 2 x 2 folds, then one more fold alone with the same settings, then the analysis, each as main()
+    in this process (the tests that need a process of their own start one)."""
+    cwd, single_fold = tmp_path_factory.mktemp("step3"), ["--root-split", "2", "--nested-split", "0"]
+    first = main_captured("step_3/train.py", *train_args(split_file), cwd=cwd)
+    single = main_captured("step_3/train.py", *train_args(split_file, *single_fold), cwd=cwd)
+    analysis = main_captured("step_3/analyze_predictions.py", cwd=cwd)
     return {"cwd": cwd, "first": first, "single": single, "analysis": analysis,
             "client": mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")}  # fmt: skip
 
@@ -284,27 +286,24 @@ def test_dead_pid_sweep_marks_only_dead_processes_on_this_host(tmp_path):
         (["--n-root-splits", "7"], "--n-root-splits 7: give a number from 1 to 3"),
     ],
 )
-def test_bad_fold_choices_are_one_clear_sentence(split_file, tmp_path, extra, message):
-    proc = run_script("step_3/train.py", *train_args(split_file, *extra), cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+def test_bad_fold_choices_are_one_clear_sentence(split_file, tmp_path, monkeypatch, extra, message):
+    assert message in user_error(train_args(split_file, *extra), tmp_path, monkeypatch)
     assert not (tmp_path / "mlflow.db").exists()  # stopped before any run was created
 
 
-def test_missing_split_file_says_how_to_make_it(make_standin, tmp_path):
+def test_missing_split_file_says_how_to_make_it(make_standin, tmp_path, monkeypatch):
     args = ["--quick", "--data-dir", str(make_standin(N_SMALL)), "--split-file", str(tmp_path / "none.json")]
-    proc = run_script("step_3/train.py", *args, cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "make_dataset_splits.py" in proc.stderr and "Traceback" not in proc.stderr
+    assert "make_dataset_splits.py" in user_error(args, tmp_path, monkeypatch)
 
 
-@contextlib.contextmanager
-def torch_settings_kept() -> Iterator[None]:
-    """main() sets torch's thread count and deterministic mode for the whole process: put them back after it."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+def user_error(argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What step 3's train.py says when it stops on bad input, run as main(argv) in this process. It must stop with
+    SystemExit and a message: Python prints that message alone and exits 1, never a traceback. Any other exception
+    fails the test. (test_all_steps.py checks the same of a real command line.)"""
+    with pytest.raises(SystemExit) as stopped, torch_settings_kept():
+        main_in_process(load_step_module("step_3", "train"), argv, cwd, monkeypatch)
+    assert isinstance(stopped.value.code, str), stopped.value.code
+    return stopped.value.code
 
 
 # ----------------------------------------------------------------------------------------------------------

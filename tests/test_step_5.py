@@ -31,6 +31,7 @@ from conftest import (
     free_port,
     load_step_module,
     logged_predictions,
+    main_captured,
     main_in_process,
     run_script,
     scramble_test_split,
@@ -76,10 +77,11 @@ def artifact(run, path: str) -> str:
 
 @pytest.fixture(scope="module")
 def experiment(split_file, tmp_path_factory) -> dict:
-    """Folds 0/0 and 0/1 with the quick config, three trials each; then the analysis."""
+    """Folds 0/0 and 0/1 with the quick config, three trials each; then the analysis; each as main() in this process
+    (the tests that need a process of their own start one)."""
     cwd = tmp_path_factory.mktemp("step5")
-    first = run_script("step_5/train.py", *train_args(split_file, "--set", "cv.n_root_splits=1"), cwd=cwd)
-    analysis = run_script("step_5/analyze_predictions.py", cwd=cwd)
+    first = main_captured("step_5/train.py", *train_args(split_file, "--set", "cv.n_root_splits=1"), cwd=cwd)
+    analysis = main_captured("step_5/analyze_predictions.py", cwd=cwd)
     client = client_in(cwd)
     (root,) = runs_of(client, "tags.run_level = 'root'")
     return {"cwd": cwd, "first": first, "analysis": analysis, "client": client, "root": root}
@@ -763,7 +765,7 @@ def test_predict_reproduces_the_logged_test_scores_bit_for_bit(registered):
         ]
 
 
-def test_predict_refuses_what_it_cannot_predict_in_one_sentence_each(registered, tmp_path):
+def test_predict_refuses_what_it_cannot_predict_in_one_sentence_each(registered, tmp_path, monkeypatch):
     predict = load_step_module("step_5", "predict")
     text, truncated = tmp_path / "notes.jpg", tmp_path / "cut.jpg"
     text.write_text("not a photo")
@@ -778,9 +780,9 @@ def test_predict_refuses_what_it_cannot_predict_in_one_sentence_each(registered,
     assert out.returncode != 0 and "Traceback" not in out.stderr and out.stderr.count("\n") == 2  # both, nothing else
     good = str(registered["images"] / registered["test"]["file"][0])
     for uri in (f"models:/{MODEL}/99", "runs:/0123456789abcdef0123456789abcdef/model", f"models:/{MODEL}@production"):
-        out = run_script("step_5/predict.py", "--model", uri, good, cwd=registered["cwd"], check=False)
-        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
-        assert f"No model at {uri} in " in out.stderr
+        with pytest.raises(SystemExit) as stopped:  # in this process: a message alone, which Python prints for it
+            main_in_process(predict, ["--model", uri, good], registered["cwd"], monkeypatch)
+        assert isinstance(stopped.value.code, str) and f"No model at {uri} in " in stopped.value.code
 
 
 def test_the_served_model_answers_as_predict_does_to_the_last_bit(registered, tmp_path):

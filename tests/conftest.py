@@ -224,7 +224,7 @@ def split_file(make_standin, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     """The 240-image stand-in and a 3 x 3 split file for it (in a temp folder, not in the shared data): read-only."""
     data_dir = make_standin(240)
     path = tmp_path_factory.mktemp("splits") / "dataset_splits.json"
-    run_script(
+    main_captured(
         "step_3/make_dataset_splits.py", "--data-dir", str(data_dir), "--k-root", "3", "--k-nested", "3",
         "--output", str(path), cwd=REPO,
     )  # fmt: skip

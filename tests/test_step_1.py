@@ -99,25 +99,35 @@ def test_the_flaw_two_runs_give_different_results(quick_run):
     assert not same_split or not np.allclose(first.sort_values("file")["score"], second.sort_values("file")["score"])
 
 
-def test_analyze_without_results_says_what_to_do(tmp_path):
-    proc = run_script("step_1/analyze_predictions.py", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "run `python step_1/train.py --quick` first" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def user_error(script: str, argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What a step-1 script says when it stops on bad input, run as main(argv) in this process from `cwd`. It must
+    stop with SystemExit and a message: Python prints that message alone and exits 1, never a traceback. Any other
+    exception fails the test."""
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as stopped:
+        load_step_module("step_1", script).main(argv)
+    assert isinstance(stopped.value.code, str), stopped.value.code
+    return stopped.value.code
 
 
-def test_missing_dataset_is_one_clear_sentence(tmp_path):
-    proc = run_script("step_1/train.py", "--quick", "--data-dir", str(tmp_path / "nothing"), cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "download_data.py" in proc.stderr and "Traceback" not in proc.stderr
+def test_analyze_without_results_says_what_to_do(tmp_path, monkeypatch):
+    message = user_error("analyze_predictions", [], tmp_path, monkeypatch)
+    assert "run `python step_1/train.py --quick` first" in message
 
 
-def test_an_unwritable_results_folder_stops_before_training(make_standin, tmp_path):
+def test_missing_dataset_is_one_clear_sentence(tmp_path, monkeypatch):
+    message = user_error("train", ["--quick", "--data-dir", str(tmp_path / "nothing")], tmp_path, monkeypatch)
+    assert "download_data.py" in message
+
+
+def test_an_unwritable_results_folder_stops_before_training(make_standin, tmp_path, monkeypatch, capsys):
     """results/ that cannot be written (here a file in its place: the tests run as root, whom chmod does not stop)
     is one sentence before any training, not a traceback after it with the model lost."""
     (tmp_path / "results").write_text("")
-    proc = run_script("step_1/train.py", "--quick", "--data-dir", str(make_standin(N_SMALL)), cwd=tmp_path, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("Cannot write to results/step_1 (")
-    assert "warmup" not in proc.stderr + proc.stdout  # stopped before the first epoch
+    message = user_error("train", ["--quick", "--data-dir", str(make_standin(N_SMALL))], tmp_path, monkeypatch)
+    assert message.startswith("Cannot write to results/step_1 (")
+    printed = capsys.readouterr()
+    assert "warmup" not in printed.err + printed.out  # stopped before the first epoch
 
 
 def test_offline_pretrained_weights_give_one_clear_sentence(make_standin, tmp_path):

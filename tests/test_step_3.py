@@ -141,7 +141,7 @@ def test_quick_caps_bite_at_full_quick_size(step3, make_standin, tmp_path):
     stratified subsample of its own parts (QUICK_SHARES of QUICK.max_images), nothing else."""
     data_dir = make_standin(step3.train.QUICK.max_images + 200)  # step 1's test builds this size too
     path = tmp_path / "splits.json"
-    run_script(  # 3 x 5 folds of 800 images: a test part of ~267, a nested dev part of ~107 and train of ~427
+    main_captured(  # 3 x 5 folds of 800 images: a test part of ~267, a nested dev part of ~107 and train of ~427
         "step_3/make_dataset_splits.py", "--data-dir", str(data_dir), "--k-root", "3", "--k-nested", "5",
         "--output", str(path), cwd=tmp_path,
     )  # fmt: skip
@@ -156,7 +156,7 @@ def test_quick_caps_bite_at_full_quick_size(step3, make_standin, tmp_path):
         "--nested-split",
         "3",
     ]
-    run_script("step_3/train.py", *args, cwd=tmp_path)
+    main_captured("step_3/train.py", *args, cwd=tmp_path)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = fold_runs(client)[(1, 3)]
     lists, splits = images_read(client, run, tmp_path), json.loads(path.read_text())

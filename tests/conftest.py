@@ -102,6 +102,18 @@ def main_captured(script: str, *args: str, cwd: Path) -> subprocess.CompletedPro
     return subprocess.CompletedProcess([script, *args], 0, out.getvalue(), err.getvalue())
 
 
+def user_error(script: str, argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What `script` says when it stops on bad input, run as main(argv) in this process from `cwd`. It must stop
+    with SystemExit and a message: Python prints that message alone and exits 1, never a traceback. Any other
+    exception fails the test. (Real command lines that stop so are still run as processes: step 1's offline
+    weights, step 2's unknown run id, step 5's bad images.)"""
+    step, name = script.removesuffix(".py").split("/")
+    with pytest.raises(SystemExit) as stopped, torch_settings_kept():
+        main_in_process(load_step_module(step, name), argv, cwd, monkeypatch)
+    assert isinstance(stopped.value.code, str), stopped.value.code
+    return stopped.value.code
+
+
 def client_in(cwd: Path) -> mlflow.MlflowClient:
     """A client on the default MLflow store that the scripts made in `cwd`."""
     return mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")

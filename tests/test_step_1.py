@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, load_step_module, run_script
+from conftest import REPO, load_step_module, run_script, user_error
 from PIL import Image
 
 N_SMALL = 240  # images in the small stand-in the end-to-end tests share
@@ -99,24 +99,13 @@ def test_the_flaw_two_runs_give_different_results(quick_run):
     assert not same_split or not np.allclose(first.sort_values("file")["score"], second.sort_values("file")["score"])
 
 
-def user_error(script: str, argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """What a step-1 script says when it stops on bad input, run as main(argv) in this process from `cwd`. It must
-    stop with SystemExit and a message: Python prints that message alone and exits 1, never a traceback. Any other
-    exception fails the test."""
-    monkeypatch.chdir(cwd)
-    with pytest.raises(SystemExit) as stopped:
-        load_step_module("step_1", script).main(argv)
-    assert isinstance(stopped.value.code, str), stopped.value.code
-    return stopped.value.code
-
-
 def test_analyze_without_results_says_what_to_do(tmp_path, monkeypatch):
-    message = user_error("analyze_predictions", [], tmp_path, monkeypatch)
+    message = user_error("step_1/analyze_predictions.py", [], tmp_path, monkeypatch)
     assert "run `python step_1/train.py --quick` first" in message
 
 
 def test_missing_dataset_is_one_clear_sentence(tmp_path, monkeypatch):
-    message = user_error("train", ["--quick", "--data-dir", str(tmp_path / "nothing")], tmp_path, monkeypatch)
+    message = user_error("step_1/train.py", ["--quick", "--data-dir", str(tmp_path / "nothing")], tmp_path, monkeypatch)
     assert "download_data.py" in message
 
 
@@ -124,7 +113,9 @@ def test_an_unwritable_results_folder_stops_before_training(make_standin, tmp_pa
     """results/ that cannot be written (here a file in its place: the tests run as root, whom chmod does not stop)
     is one sentence before any training, not a traceback after it with the model lost."""
     (tmp_path / "results").write_text("")
-    message = user_error("train", ["--quick", "--data-dir", str(make_standin(N_SMALL))], tmp_path, monkeypatch)
+    message = user_error(
+        "step_1/train.py", ["--quick", "--data-dir", str(make_standin(N_SMALL))], tmp_path, monkeypatch
+    )
     assert message.startswith("Cannot write to results/step_1 (")
     printed = capsys.readouterr()
     assert "warmup" not in printed.err + printed.out  # stopped before the first epoch

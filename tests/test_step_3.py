@@ -37,6 +37,7 @@ from conftest import (
     run_script,
     scramble_test_split,
     torch_settings_kept,
+    user_error,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -287,23 +288,13 @@ def test_dead_pid_sweep_marks_only_dead_processes_on_this_host(tmp_path):
     ],
 )
 def test_bad_fold_choices_are_one_clear_sentence(split_file, tmp_path, monkeypatch, extra, message):
-    assert message in user_error(train_args(split_file, *extra), tmp_path, monkeypatch)
+    assert message in user_error("step_3/train.py", train_args(split_file, *extra), tmp_path, monkeypatch)
     assert not (tmp_path / "mlflow.db").exists()  # stopped before any run was created
 
 
 def test_missing_split_file_says_how_to_make_it(make_standin, tmp_path, monkeypatch):
     args = ["--quick", "--data-dir", str(make_standin(N_SMALL)), "--split-file", str(tmp_path / "none.json")]
-    assert "make_dataset_splits.py" in user_error(args, tmp_path, monkeypatch)
-
-
-def user_error(argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """What step 3's train.py says when it stops on bad input, run as main(argv) in this process. It must stop with
-    SystemExit and a message: Python prints that message alone and exits 1, never a traceback. Any other exception
-    fails the test. (test_all_steps.py checks the same of a real command line.)"""
-    with pytest.raises(SystemExit) as stopped, torch_settings_kept():
-        main_in_process(load_step_module("step_3", "train"), argv, cwd, monkeypatch)
-    assert isinstance(stopped.value.code, str), stopped.value.code
-    return stopped.value.code
+    assert "make_dataset_splits.py" in user_error("step_3/train.py", args, tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from conftest import (
     run_script,
     scramble_test_split,
     serving,
+    user_error,
 )
 
 SEARCHED = {"head_hidden", "dropout", "warmup_lr", "warmup_weight_decay", "finetune_lr", "finetune_weight_decay"}
@@ -780,9 +781,8 @@ def test_predict_refuses_what_it_cannot_predict_in_one_sentence_each(registered,
     assert out.returncode != 0 and "Traceback" not in out.stderr and out.stderr.count("\n") == 2  # both, nothing else
     good = str(registered["images"] / registered["test"]["file"][0])
     for uri in (f"models:/{MODEL}/99", "runs:/0123456789abcdef0123456789abcdef/model", f"models:/{MODEL}@production"):
-        with pytest.raises(SystemExit) as stopped:  # in this process: a message alone, which Python prints for it
-            main_in_process(predict, ["--model", uri, good], registered["cwd"], monkeypatch)
-        assert isinstance(stopped.value.code, str) and f"No model at {uri} in " in stopped.value.code
+        message = user_error("step_5/predict.py", ["--model", uri, good], registered["cwd"], monkeypatch)
+        assert f"No model at {uri} in " in message
 
 
 def test_the_served_model_answers_as_predict_does_to_the_last_bit(registered, tmp_path):

@@ -139,10 +139,10 @@ class PetImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[index]  # decoded once per process, kept in memory (pets.DecodedImages)
         if self.augment is not None:
-            # The random draws depend on (seed, epoch, index) only, not on which worker process makes them or
-            # when: the augmentation, and so the result, is the same for any --num-workers.
+            # The draws depend on (seed, epoch, index) only, not on which worker makes them or when: the result is
+            # the same for any --num-workers. Only the CPU's generator is seeded, then restored; not the GPU's dropout.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
                 image = self.augment(image)
         image = self.normalize(image.float() / 255)
         return image, torch.tensor(float(self.labels[index]))

@@ -260,3 +260,23 @@ def test_the_worker_default_is_0_on_a_cpu_and_follows_the_cores_on_a_gpu(cores, 
         assert common.pick_device(args).type == device and args.num_workers == workers
     args = argparse.Namespace(device="cuda", num_workers=5)
     assert common.pick_device(args).type == "cuda" and args.num_workers == 5
+
+
+@pytest.mark.parametrize("step", STEPS[1:])
+def test_augmenting_a_sample_seeds_the_cpu_generator_only_and_restores_it(step, make_standin, monkeypatch):
+    """With --num-workers 0 the training process augments the samples itself. torch.manual_seed there would also
+    reseed the GPU's generator, which dropout draws from, once per sample, so a GPU run would differ with the worker
+    count (workers are other processes). Seeding the CPU's generator alone is also 100 times cheaper: without CUDA,
+    torch.manual_seed formats the call stack for each device it would seed later. No GPU is needed to check it."""
+    train = load_step_module(step, "train" if step == "step_2" else "training")
+    seeded = []
+    for device, name in ((torch.cuda, "manual_seed_all"), (torch.cuda, "manual_seed"), (torch.mps, "manual_seed")):
+        monkeypatch.setattr(device, name, lambda seed, name=name: seeded.append(name))
+    paths = sorted((make_standin(240) / "oxford-iiit-pet" / "images").glob("*_1.jpg"))[:4]
+    data = train.PetImages(paths, np.zeros(len(paths)), 64, augment=True, seed=0)
+    state = torch.get_rng_state()
+    first = data[2][0]
+    assert seeded == [] and torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(data[2][0], first)  # the same draws: a function of (seed, epoch, index)
+    data.epoch = 1
+    assert not torch.equal(data[2][0], first)

@@ -181,7 +181,7 @@ class PetImages(Dataset):
         image = self.images[index]  # decoded once per process, kept in memory (pets.DecodedImages)
         if self.augment is not None:
             # The draws depend on (seed, epoch, index) only, not on which worker makes them or when: the result is
-            # the same for any --num-workers. Only the CPU's generator is seeded, then restored; not the GPU's dropout.
+            # the same for any --num-workers. Only the CPU's generator is seeded (then restored), never a GPU's.
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
                 image = self.augment(image)

@@ -20,8 +20,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # write PNG files; never open a window (headless machines, SSH, CI)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small download is noise
-os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL in the reproducible mode that train.py runs it in, set before
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # torch loads it: the model check must recompute the same bits
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
@@ -42,6 +40,7 @@ from sklearn.metrics import (  # noqa: E402
 
 import common  # noqa: E402
 import pets  # noqa: E402
+from provenance import follow_code_paths  # noqa: E402
 
 EXPERIMENT = "step_2"  # where step_2/train.py records its runs
 
@@ -82,13 +81,15 @@ def load_results(run: mlflow.entities.Run) -> dict[str, pd.DataFrame]:
 
 
 @torch.no_grad()
-def recheck_model(run_id: str, params: dict[str, str], test: pd.DataFrame) -> tuple[str, float]:
-    """Load the run's MLflow model, predict its test images again, compare with the logged scores bit for bit."""
+def recheck_model(run_id: str, params: dict[str, str], tags: dict[str, str], test: pd.DataFrame) -> tuple[str, float]:
+    """Load the run's MLflow model, predict its test images again on the code paths the run recorded (`tags`: the
+    run's, or its root's), compare with the logged scores bit for bit."""
     folder = Path(params.get("data_dir", "?")) / "oxford-iiit-pet" / "images"
     paths = [folder / name for name in test["file"]]
     if not all(path.is_file() for path in paths):
         return f"skipped: the test images are not in {folder} (run this where train.py ran)", float("nan")
     torch.set_num_threads(int(params["num_threads"]))  # another thread count adds floats in another order
+    unlike = follow_code_paths(tags)  # before this process's first computation: the run's MKL, oneDNN, ATen paths
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     images, size = [pets.model_input(path, int(params["image_size"])) for path in paths], int(params["batch_size"])
     batches = [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]  # as train.py's loader
@@ -97,6 +98,7 @@ def recheck_model(run_id: str, params: dict[str, str], test: pd.DataFrame) -> tu
     if difference == 0:
         return "identical: the logged model reproduces the logged test scores bit for bit", difference
     where = f"trained on {params['device']}, checked on the CPU" if params["device"] != "cpu" else "same device"
+    where += f"; the CPU's code path differs: {unlike}" if unlike else ""
     return f"differs by up to {difference:.2e} ({where})", difference
 
 
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     matrix = confusion_matrix(test["label"], (test["score"] >= threshold).astype(int), labels=[1, 0])
     print(pd.DataFrame(matrix, index=["true cat", "true dog"], columns=["predicted cat", "predicted dog"]))
     counts = dict(zip(("true_cats", "missed_cats", "false_cats", "true_dogs"), matrix.ravel(), strict=True))
-    check, difference = recheck_model(run_id, run.data.params, test)
+    check, difference = recheck_model(run_id, run.data.params, run.data.tags, test)
     print(f"Model check: {check}")
 
     # MlflowClient logs onto the finished run without reopening it (mlflow.start_run would make it RUNNING)

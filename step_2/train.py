@@ -53,7 +53,7 @@ from pets import (
     read_annotations,
     warn_if_standin,
 )
-from provenance import log_image_lists, log_provenance, nondeterminism_reported
+from provenance import log_image_lists, log_provenance, nondeterminism_reported, pin_code_paths
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,11 +122,6 @@ def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds the CPU and every CUDA device
-    # torch's CPU matrix products run in Intel MKL, which by default picks its code path by the memory alignment of
-    # each input and may change its thread count from call to call. Its reproducibility mode pins both; MKL reads
-    # these variables at its first call, so main() calls this function before any computation.
-    os.environ.setdefault("MKL_CBWR", "AUTO")
-    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
     torch.set_num_threads(num_threads)  # float sums are added in a different order with another thread count
     torch.backends.cudnn.benchmark = False  # benchmark mode picks the fastest kernel, which may differ per run
     torch.backends.cudnn.deterministic = deterministic
@@ -411,6 +406,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path("data/oxfordiii"), help="dataset root")
     common.add_device_flags(parser)
     common.add_seed_flags(parser, DEFAULT_SEED)
+    common.add_portable_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -419,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
     device = common.pick_device(args)  # and --num-workers, when not given, for that device
+    # The CPU's code paths, before the first computation: the same on every x86-64 CPU with --portable (provenance.py)
+    cpu_paths = pin_code_paths(args.quick if args.portable is None else args.portable)
     seed_everything(args.seed, args.deterministic, args.num_threads)
     started = time.perf_counter()
 
@@ -443,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": args.seed,
                 "deterministic": args.deterministic,
                 "quick": args.quick,
+                "portable": cpu_paths["code_paths"] == "portable",
                 "device": str(device),
                 "num_threads": torch.get_num_threads(),
                 "num_workers": args.num_workers,

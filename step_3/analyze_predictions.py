@@ -20,8 +20,6 @@ import math
 import os
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fold would bury the results
-os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL in the reproducible mode that train.py runs it in, set before
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # torch loads it: the model check must recompute the same bits
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, RunTag  # noqa: E402
 

@@ -1,15 +1,18 @@
 """Provenance: what a run needs on record so that someone else can redo it and trust it.
 
 The code (git commit, dirty flag, uncommitted diff, a digest of the step's Python files), the command line, the
-software (Python, torch, CUDA, every installed distribution), the hardware (device, CPU model, threads) and the
-data (a SHA-256 digest of the image and annotation files actually used). `log_provenance` puts all of it on the
+software (Python, torch, CUDA, MKL, oneDNN, every installed distribution), the hardware (device, the CPU's vendor,
+family, model, stepping and instruction sets, threads), the CPU code paths in force (`pin_code_paths` sets them) and
+the data (a SHA-256 digest of the image and annotation files actually used). `log_provenance` puts all of it on the
 active MLflow run; `log_image_lists` records which images each part of a training actually read, and
 `nondeterminism_reported` records the ops that had no deterministic kernel (such a run is not bit-for-bit
 reproducible)."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import os
 import platform
 import shlex
 import subprocess
@@ -27,6 +30,51 @@ import torchvision
 from mlflow.data.sources import LocalArtifactDatasetSource
 
 DIGEST_PREFIX = 32  # mlflow.log_input keeps at most 36 characters of a digest; the full one goes in a tag
+
+# The code paths that decide a CPU's bits. torch computes matrix products in Intel MKL, convolutions in oneDNN and
+# the rest in its own ATen kernels; each picks the widest instruction set the CPU has (AVX-512 or AVX2, with other
+# blocking and so other sums) when it first computes, and each reads a variable that caps or pins that choice.
+# MKL_CBWR=AUTO is MKL's reproducible mode on its own choice of path (MKL_DYNAMIC=FALSE: a fixed thread count).
+# Portable mode pins all three to what every x86-64 CPU of the last decade has: AVX2 for oneDNN and ATen, and
+# MKL's COMPATIBLE branch, the one MKL honours on Intel and AMD alike (it runs its AVX2 branch on Intel CPUs only,
+# and AUTO elsewhere). benchmarks/README.md measures what it costs and which CPUs agree under it.
+NATIVE_CODE_PATHS = {"MKL_CBWR": "AUTO", "MKL_DYNAMIC": "FALSE"}
+PORTABLE_CODE_PATHS = {
+    **NATIVE_CODE_PATHS,
+    "MKL_CBWR": "COMPATIBLE",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
+# Variables that select a code path or a thread behaviour: always on record ("unset" when not set), with any other
+# variable of these libraries (their *_VERBOSE switches print, and change no bit: left out)
+CODE_PATH_VARIABLES = (
+    "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "MKL_DYNAMIC", "MKL_NUM_THREADS", "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND",
+)  # fmt: skip
+CODE_PATH_PREFIXES = ("MKL_", "ONEDNN_", "DNNL_", "ATEN_", "OMP_", "GOMP_", "KMP_")
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+# oneMKL's named constants for CNR control: the branch's number, and its name
+MKL_BRANCHES = dict(
+    enumerate(
+        (
+            "OFF",
+            "OFF",
+            "AUTO",
+            "COMPATIBLE",
+            "SSE2",
+            "SSE3",
+            "SSSE3",
+            "SSE4_1",
+            "SSE4_2",
+            "AVX",
+            "AVX2",
+            "AVX512_MIC",
+            "AVX512",
+            "AVX512_MIC_E1",
+            "AVX512_E1",
+        )
+    )
+)
 
 
 def git(*args: str, cwd: Path) -> str | None:
@@ -62,26 +110,165 @@ def code_digest(code_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def cpu_facts() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (Linux); empty elsewhere."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return {}
+    fields = {}
+    for line in cpuinfo.read_text().split("\n\n")[0].splitlines():
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    return fields
+
+
 def cpu_model() -> str:
     """The CPU's marketing name (Linux: /proc/cpuinfo), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return cpu_facts().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_identity() -> dict[str, str]:
+    """What tells two CPUs apart where their brand strings agree ("AMD EPYC"): vendor, family, model and stepping,
+    and the instruction sets among CPU_FLAGS that it has (the ones MKL, oneDNN and ATen choose their paths by)."""
+    facts = cpu_facts()
+    flags = set(facts.get("flags", "").split())
+    return {
+        "cpu_vendor": facts.get("vendor_id", platform.machine()),
+        "cpu_family": facts.get("cpu family", "unknown"),
+        "cpu_model_number": facts.get("model", "unknown"),
+        "cpu_stepping": facts.get("stepping", "unknown"),
+        "cpu_flags": " ".join(flag for flag in CPU_FLAGS if flag in flags) if facts else "unknown",
+    }
+
+
+def mkl_branch() -> str:
+    """The branch MKL computes on in this process (it reads MKL_CBWR at its first call, and this may be it):
+    AUTO, COMPATIBLE, ... with ",STRICT", or OFF; "none" without MKL (e.g. on an ARM Mac)."""
+    folder = Path(torch.__file__).parent / "lib"
+    try:
+        library = ctypes.CDLL(str(next(iter(sorted(folder.glob("libtorch_cpu.*"))))))
+        value = library.mkl_serv_cbwr_get(0xFFFFFFFF)  # MKL_CBWR_ALL: the branch and the STRICT bit
+    except (StopIteration, OSError, AttributeError):
+        return "none"
+    return MKL_BRANCHES.get(value & 0xFFFF, str(value & 0xFFFF)) + (",STRICT" if value & 0x10000 else "")
+
+
+def library_versions() -> dict[str, str]:
+    """The MKL and oneDNN versions built into torch, as its build configuration names them."""
+    versions = {"mkl": "none", "onednn": "none"}
+    for line in torch.__config__.show().splitlines():
+        if "Math Kernel Library Version" in line:
+            versions["mkl"] = line.split("Version", 1)[1].split("for")[0].strip()
+        elif "MKL-DNN v" in line or "oneDNN v" in line:
+            versions["onednn"] = line.split(" v", 1)[1].split()[0]
+    return versions
+
+
+def code_path_variables() -> dict[str, str]:
+    """Every variable in force that selects a code path or a thread behaviour, "unset" for CODE_PATH_VARIABLES
+    that are not set."""
+    found = {name: os.environ.get(name, "unset") for name in CODE_PATH_VARIABLES}
+    found |= {
+        name: value
+        for name, value in os.environ.items()
+        if name.startswith(CODE_PATH_PREFIXES) and not name.endswith("_VERBOSE")
+    }
+    return dict(sorted(found.items()))
+
+
+def code_paths() -> dict[str, str]:
+    """The CPU code paths in force in this process, as MKL and ATen report them (oneDNN has no call that says: its
+    cap is the variable it read), and whether they are the portable ones."""
+    paths = {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": mkl_branch(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "native")),
+    }
+    pinned = (PORTABLE_CODE_PATHS["ATEN_CPU_CAPABILITY"].upper(), PORTABLE_CODE_PATHS["MKL_CBWR"], "AVX2")
+    portable = (paths["cpu_capability"], paths["mkl_cbwr"], paths["onednn_max_cpu_isa"].upper()) == pinned
+    return {**paths, "code_paths": "portable" if portable else "native"}
+
+
+def pin_code_paths(portable: bool) -> dict[str, str]:
+    """Set the CPU code paths for this process, before its first computation (the libraries read the variables
+    once), and return them as code_paths() reports them. A variable the user set is kept, with a warning, and the
+    run records it; a process whose libraries had already chosen other paths cannot be pinned: one sentence."""
+    wanted = PORTABLE_CODE_PATHS if portable else NATIVE_CODE_PATHS
+    kept = [
+        f"{name}={os.environ[name]}" for name, value in wanted.items() if os.environ.setdefault(name, value) != value
+    ]
+    if kept:
+        print(
+            f"WARNING {', '.join(kept)} set in the environment, and kept: this run's code paths are not the "
+            f"{'portable' if portable else 'usual'} ones ({', '.join(f'{k}={v}' for k, v in wanted.items())}), "
+            "which changes its bits; its record says so.",
+            file=sys.stderr,
+        )
+    paths = code_paths()
+    if (
+        portable
+        and not kept
+        and platform.machine().lower() in ("x86_64", "amd64")
+        and paths["code_paths"] != "portable"
+    ):
+        raise SystemExit(
+            f"The portable code paths are not in force in this process (MKL {paths['mkl_cbwr']}, torch "
+            f"{paths['cpu_capability']}): it computed before they were set. Run the script in a fresh process, or "
+            "pass --no-portable."
+        )
+    return paths
+
+
+PINNED = (
+    "MKL_CBWR",
+    "MKL_DYNAMIC",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+)
+
+
+def recorded_code_paths(tags: dict[str, str]) -> dict[str, str]:
+    """The variables that pinned a run's code paths, as its record holds them ("unset" for one it did not set); a
+    record from before they were recorded ran in MKL's reproducible mode on the native paths."""
+    if "env.code_paths" not in tags:
+        return {name: NATIVE_CODE_PATHS.get(name, "unset") for name in PINNED}
+    return {name: tags.get(f"env.var.{name}", "unset") for name in PINNED}
+
+
+def follow_code_paths(tags: dict[str, str]) -> str | None:
+    """Set this process's code paths to those of the run whose tags these are, before its first computation (as
+    pin_code_paths does); None when they are then in force as recorded, else a sentence saying what is not."""
+    for name, value in recorded_code_paths(tags).items():
+        if value == "unset":
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    now = code_paths()
+    differ = [
+        f"{key} {tags[f'env.{key}']} then, {now[key]} now"
+        for key in now
+        if tags.get(f"env.{key}", now[key]) != now[key]
+    ]
+    return "; ".join(differ) or None
 
 
 def software_and_hardware(device: torch.device) -> dict[str, str]:
-    """Versions and machine facts that change results bit for bit."""
+    """Versions and machine facts that change results bit for bit: the software, the CPU, its code paths in force
+    and every variable that selects one (tags `env.var.NAME`), the threads and the device."""
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "cuda": str(torch.version.cuda),
         "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+        **library_versions(),
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
+        **cpu_identity(),
+        **code_paths(),
+        **{f"var.{name}": value for name, value in code_path_variables().items()},
         "torch_threads": str(torch.get_num_threads()),
         "device": str(device),
     }

@@ -39,7 +39,7 @@ import common
 import resume
 import runs
 from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
-from provenance import code_digest, log_provenance
+from provenance import code_digest, log_provenance, pin_code_paths
 from splits import choose_folds, count_or_all, fold_indices, load_splits
 from training import choose_precision, seed_everything, train_and_evaluate
 
@@ -124,6 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--root-split", type=common.int_in(0), help="run only this outer fold (with --nested-split)")
     parser.add_argument("--nested-split", type=common.int_in(0), help="run only this inner fold (with --root-split)")
     common.add_amp_flag(parser)  # --amp/--no-amp: mixed precision on a CUDA GPU
+    common.add_portable_flag(parser)  # --portable/--no-portable: the CPU code paths every x86-64 CPU has
     return parser.parse_args(argv)
 
 
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
     device = common.pick_device(args)  # and --num-workers, when not given, for that device
+    # The CPU's code paths, before the first computation: the same on every x86-64 CPU with --portable (provenance.py)
+    cpu_paths = pin_code_paths(args.quick if args.portable is None else args.portable)
     seed_everything(args.seed, args.deterministic, args.num_threads)
     started = time.perf_counter()
 
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     # What decides the results: the split file, seed, determinism, settings, device, thread count and the code
     code = code_digest(Path(__file__).resolve().parent)
     precision = choose_precision(device, args.amp).name  # bf16 or fp16 on a CUDA GPU (unless --no-amp), else fp32
-    machine = (str(device), args.num_threads, precision)  # another device, thread count or precision: other bits
+    # another device, thread count, precision or CPU code path: other bits
+    machine = (str(device), args.num_threads, precision, cpu_paths)
     key = resume.run_key(splits["digest"], args.seed, args.deterministic, asdict(settings), machine, code)
     print(f"{len(folds)} fold(s) of {split_file} | {settings.backbone} at {settings.image_size} px on {device}")
 
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": args.seed,
                 "deterministic": args.deterministic,
                 "quick": args.quick,
+                "portable": cpu_paths["code_paths"] == "portable",
                 "device": str(device),
                 "amp": args.amp,
                 "precision": precision,

@@ -76,6 +76,17 @@ def add_amp_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_portable_flag(parser: argparse.ArgumentParser) -> None:
+    """--portable/--no-portable: the CPU code paths every x86-64 CPU has, for the same bits on any of them."""
+    parser.add_argument(
+        "--portable",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pin MKL, oneDNN and torch's own kernels to code paths every x86-64 CPU has (AVX2, MKL's COMPATIBLE "
+        "branch), so another CPU gives the same bits; slower on a CPU with AVX-512 (default: on with --quick)",
+    )
+
+
 def add_seed_flags(parser: argparse.ArgumentParser, seed: int, when_not_given: str = "") -> None:
     """--seed, --deterministic and --num-threads: what, besides the code and data, decides every bit of a result.
 

@@ -69,11 +69,6 @@ def seed_everything(seed: int, deterministic: bool, num_threads: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds the CPU and every CUDA device
-    # torch's CPU matrix products run in Intel MKL, which by default picks its code path by the memory alignment of
-    # each input and may change its thread count from call to call. Its reproducibility mode pins both; MKL reads
-    # these variables at its first call, so main() calls this function before any computation.
-    os.environ.setdefault("MKL_CBWR", "AUTO")
-    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
     torch.set_num_threads(num_threads)  # float sums are added in a different order with another thread count
     torch.backends.cudnn.benchmark = False  # benchmark mode picks the fastest kernel, which may differ per run
     torch.backends.cudnn.deterministic = deterministic

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader
 
 from cv_stats import metrics_at
+from provenance import follow_code_paths
 from training import PetImages
 
 Fold = tuple[int, int]  # (root split, nested split)
@@ -132,13 +133,15 @@ def print_folds(table: pd.DataFrame) -> None:
 
 
 @torch.no_grad()
-def recheck_model(run_id: str, params: dict[str, str], test: pd.DataFrame) -> tuple[str, float]:
-    """Load the run's MLflow model, predict its test images again, compare with the logged scores bit for bit."""
+def recheck_model(run_id: str, params: dict[str, str], tags: dict[str, str], test: pd.DataFrame) -> tuple[str, float]:
+    """Load the run's MLflow model, predict its test images again on the code paths the run recorded (`tags`: the
+    run's, or its root's), compare with the logged scores bit for bit."""
     folder = Path(params.get("data_dir", "?")) / "oxford-iiit-pet" / "images"
     paths = [folder / name for name in test["file"]]
     if not all(path.is_file() for path in paths):
         return f"skipped: the test images are not in {folder} (run this where train.py ran)", float("nan")
     torch.set_num_threads(int(params["num_threads"]))  # another thread count adds floats in another order
+    unlike = follow_code_paths(tags)  # before this process's first computation: the run's MKL, oneDNN, ATen paths
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     images = PetImages(paths, test["label"].to_numpy(), int(params["image_size"]), augment=False, seed=0)
     batches = DataLoader(images, batch_size=int(params["batch_size"]))  # the batches training.predict used
@@ -148,6 +151,7 @@ def recheck_model(run_id: str, params: dict[str, str], test: pd.DataFrame) -> tu
     if difference == 0:
         return "identical: the logged model reproduces the logged test scores bit for bit", difference
     where = f"trained on {params['device']}, checked on the CPU" if params["device"] != "cpu" else "same device"
+    where += f"; the CPU's code path differs: {unlike}" if unlike else ""
     return f"differs by up to {difference:.2e} ({where})", difference
 
 
@@ -166,7 +170,7 @@ def recheck_folds(
     for fold, run in folds.items():
         params = {**root.data.params, **run.data.params}
         params.update({name: params[logged] for name, logged in (param_names or {}).items() if logged in params})
-        check, _ = recheck_model(model_run_id(run), params, tests[fold])
+        check, _ = recheck_model(model_run_id(run), params, root.data.tags, tests[fold])
         client.set_tag(run.info.run_id, "model_check", check.split(":")[0])
         outcomes[fold] = check
     identical = sum(check.startswith("identical") for check in outcomes.values())

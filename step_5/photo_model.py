@@ -5,8 +5,8 @@ it, with pets.py, so it loads without this repository): predict.py and `mlflow m
 Input: a column `image` of image files' bytes (over HTTP: base64 strings). Output: `p_cat` (float32, the model's
 sigmoid) and `label` ("cat" when p_cat >= the threshold fitted on the fold's dev set, else "dog"). Images are
 decoded as in training (pets.load_image), scaled and normalised with the values the run logged, and predicted in
-batches of the run's batch size on the run's thread count: the same batches give the same bits as the run's own
-prediction tables.
+batches of the run's batch size on the run's thread count and CPU code paths: the same batches give the same bits
+as the run's own prediction tables.
 """
 
 from __future__ import annotations
@@ -14,17 +14,28 @@ from __future__ import annotations
 import io
 import os
 
-os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL in the reproducible mode the training ran it in, set before
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # torch loads it
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from torchvision.transforms import v2
 
-from pets import load_image  # noqa: E402
+from pets import load_image
 
+# A record from before the code paths were recorded: MKL in its reproducible mode on the CPU's own paths
+NATIVE_CODE_PATHS = {"MKL_CBWR": "AUTO", "MKL_DYNAMIC": "FALSE"}
 SUPPORTED = {"colour": "RGB", "resize": "bilinear"}  # what pets.load_image does; a record asking for more is refused
+
+
+def use_code_paths(config: dict) -> None:
+    """The CPU code paths the run computed on (MKL's branch, oneDNN's and torch's caps: `config["code_paths"]`), set
+    before this process's first computation, when MKL, oneDNN and torch read them: then a served answer equals the
+    run's logged score bit for bit."""
+    for name, value in config.get("code_paths", NATIVE_CODE_PATHS).items():
+        if value == "unset":
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 class PetPhotos(mlflow.pyfunc.PythonModel):
@@ -32,6 +43,7 @@ class PetPhotos(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         device = torch.device(context.model_config.get("device", "cpu"))
+        use_code_paths(context.model_config)
         self.setup(mlflow.pytorch.load_model(context.artifacts["refit_model"]), context.model_config, device)
 
     def setup(self, model: torch.nn.Module, config: dict, device: torch.device) -> None:

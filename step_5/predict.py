@@ -15,8 +15,6 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MKL_CBWR", "AUTO")  # MKL in the reproducible mode the training ran it in, set before
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # torch loads it
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402

@@ -26,6 +26,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 import runs
+from provenance import recorded_code_paths
 
 HERE = Path(__file__).resolve().parent
 NAME = "pets-cat-vs-dog"  # the registered model
@@ -68,6 +69,7 @@ def photo_config(refit: Run, fold: Run, root: Run) -> dict:
         "refit_run_id": refit.info.run_id,
         "root_run_id": root.info.run_id,
         "dataset_synthetic": root.data.tags.get("dataset_synthetic") == "true",
+        "code_paths": recorded_code_paths(root.data.tags),  # the CPU code paths the run computed on
     }
 
 
@@ -171,6 +173,7 @@ def load(client: mlflow.MlflowClient, uri: str, device: torch.device) -> tuple[o
             raise SystemExit(f"{uri} is a torch model outside any run: no preprocessing on record to apply.")
         config = photo_config(*runs_of_refit(client, info.run_id))
         model = photo_model.PetPhotos()
+        photo_model.use_code_paths(config)  # before the first computation, as load_context does
         model.setup(mlflow.pytorch.load_model(uri), config, device)
         predict = lambda frame: model.predict(None, frame)  # noqa: E731
     elif info.signature is not None and info.signature.inputs == SIGNATURE.inputs:

@@ -2,15 +2,18 @@
 
 `fetch` reads a complete root run's record: its resolved config (JSON: data only, never code), its seed,
 determinism and thread count, and the split file it logged, checked against the recorded digest.
-`environment_differences` lists what is not as it was (code, packages, hardware, data). `environment` is what a
-rerun is keyed by besides the code and the config, so `already_reproduced` reports an earlier rerun only when
-none of them changed. `judge` compares the new run's folds with the original's and gives each fold, and the
-whole, a verdict:
+`environment_differences` lists what is not as it was (code, packages, hardware, the CPU's code paths, data).
+`environment` is what a rerun is keyed by besides the code and the config, so `already_reproduced` reports an
+earlier rerun only when none of them changed (`--fresh-rerun` reruns anyway). `judge` compares the new run's folds
+with the original's and gives each fold, and the whole, a verdict, with the cause the record names:
 
 - identical: every fold's metrics and chosen hyper-parameters are equal bit for bit;
 - within noise: a metric moved, but by less than it varies between the original's folds (the standard deviation
   of dev and test ROC AUC across folds), so the change is smaller than what choosing other folds does;
 - different: some fold moved by more than that (or the original has one fold: no spread to judge noise by).
+
+A verdict other than identical names its cause when the record has one (the CPU's code path, the code, the packages,
+the threads) and says so when it has none: nothing in the record then explains the difference.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Original:
     seed: int
     deterministic: bool
     num_threads: int
+    portable: bool  # the CPU code paths every x86-64 CPU has (a record without it ran the native ones)
 
 
 def fetch(run_id: str, experiment: str) -> Original:
@@ -104,7 +108,13 @@ def fetch(run_id: str, experiment: str) -> Original:
             f"--from-run {run_id}: its record has no seed, deterministic or env.torch_threads to rerun with."
         )
     return Original(
-        run, config, split_file, int(params["seed"]), params["deterministic"] == "True", int(tags["env.torch_threads"])
+        run,
+        config,
+        split_file,
+        int(params["seed"]),
+        params["deterministic"] == "True",
+        int(tags["env.torch_threads"]),
+        params.get("portable") == "True",
     )
 
 
@@ -115,10 +125,10 @@ def environment(device: torch.device) -> dict[str, str]:
     return {**software_and_hardware(device), "installed_distributions": packages}
 
 
-def already_reproduced(original: Original | None, experiment_id: str, key: str, folds: list) -> bool:
-    """Whether a complete rerun with this run key (the same record, code, packages, hardware and threads) has
-    every fold asked for: then its verdict is printed, and nothing is rerun."""
-    if original is None:
+def already_reproduced(original: Original | None, experiment_id: str, key: str, folds: list, fresh: bool) -> bool:
+    """Whether a complete rerun with this run key (the same record, code, packages, hardware, code paths and
+    threads) has every fold asked for: then its verdict is printed, and nothing is rerun (unless `fresh`)."""
+    if original is None or fresh:
         return False
     done = completed_folds(experiment_id, key)
     query = f"tags.run_level = 'root' AND tags.run_key = '{key}' AND tags.run_complete = 'true'"
@@ -129,15 +139,20 @@ def already_reproduced(original: Original | None, experiment_id: str, key: str, 
     run = earlier[0]
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
     print(
-        f"Already reproduced by run {run.info.run_id} on {when}, with this code, these packages, this hardware and "
-        f"thread count: verdict {run.data.tags['reproduction_verdict'].upper()} (its reproduction/verdict.json). "
-        "Nothing was rerun; a change to any of them makes a new rerun."
+        f"Already reproduced by run {run.info.run_id} on {when}, with this code, these packages, this hardware, its "
+        f"code paths and thread count: verdict {run.data.tags['reproduction_verdict'].upper()} (its "
+        "reproduction/verdict.json). Nothing was rerun; a change to any of them makes a new rerun, and --fresh-rerun "
+        "reruns anyway."
     )
     return True
 
 
+CODE_PATH_TAGS = ("env.cpu_", "env.mkl", "env.onednn", "env.code_paths", "env.var.")  # what decides the CPU's bits
+
+
 def environment_differences(original: Original, code_dir: Path, device: torch.device) -> list[str]:
-    """What differs from the original's record: git commit and dirty state, packages, hardware, data digest."""
+    """What differs from the original's record: git commit and dirty state, packages, hardware, the CPU's code
+    paths and every variable that selects one (each named "the CPU's code path differs"), data digest."""
     tags = original.run.data.tags
     state = git_state(code_dir)
     now = {
@@ -146,8 +161,15 @@ def environment_differences(original: Original, code_dir: Path, device: torch.de
         "code_digest": code_digest(code_dir),
         **{f"env.{key}": value for key, value in software_and_hardware(device).items()},
     }
+    if "env.code_paths" in tags:  # a record that lists its variables: one set then or now only differs too
+        then_variables = {key for key in tags if key.startswith("env.var.")}
+        now |= {key: "unset" for key in then_variables - set(now)}
+        tags = {**{key: "unset" for key in now if key.startswith("env.var.")}, **tags}
     differences = [
-        f"{key}: {tags[key]} then, {value} now" for key, value in now.items() if key in tags and tags[key] != value
+        ("the CPU's code path differs: " if key.startswith(CODE_PATH_TAGS) else "")
+        + f"{key.removeprefix('env.var.')}: {tags[key]} then, {value} now"
+        for key, value in now.items()
+        if key in tags and tags[key] != value
     ]
     try:
         then = set(
@@ -185,9 +207,25 @@ def verdict_of(old: dict[str, float], new: dict[str, float], same_choice: bool, 
     return "within noise" if all(abs(new[m] - old[m]) < spread[m] for m in NOISE_METRICS) else "different"
 
 
-def judge(original: Original | None, new_root_id: str, searched: list[str], overrides: list[str]) -> dict | None:
-    """Each fold's verdict and the overall one, printed, tagged on the fold runs and the new root, and logged
-    (nothing when this is not a rerun)."""
+def cause_of(differences: list[str], overrides: list[str]) -> str:
+    """What the record says a difference comes from: the CPU's code path first, else whatever else differs, else
+    nothing (the same code, packages, CPU, code paths, threads and config)."""
+    paths = [d.removeprefix("the CPU's code path differs: ") for d in differences if d.startswith("the CPU's code")]
+    if paths:
+        return f"the CPU's code path differs ({'; '.join(paths)})"
+    if differences or overrides:
+        return "not as in the original: " + "; ".join(differences + [f"--set {' '.join(overrides)}"] * bool(overrides))
+    return (
+        "nothing in the record explains it: the same code, packages, CPU, code paths, threads and config; a change "
+        "the record does not hold (e.g. the machine's load, a library's choice at run time) is the suspect"
+    )
+
+
+def judge(
+    original: Original | None, new_root_id: str, searched: list[str], overrides: list[str], differences: list[str]
+) -> dict | None:
+    """Each fold's verdict and the overall one with its cause, printed, tagged on the fold runs and the new root,
+    and logged (nothing when this is not a rerun)."""
     if original is None:
         return None
     client = mlflow.MlflowClient()
@@ -228,11 +266,15 @@ def judge(original: Original | None, new_root_id: str, searched: list[str], over
     }
     if len(before) < 2 and overall != "identical":
         result["note"] = "the original has one fold: there is no spread between folds to judge noise by"
+    if overall not in ("identical", "no common fold"):
+        result["cause"] = cause_of(differences, overrides)
     changed = f" with --set {' '.join(overrides)}" if overrides else ""
     print(f"\nReproduction of run {original.run.info.run_id}{changed}, fold by fold:")
     for name, fold in folds.items():
         print(f"  fold {name}: {fold['verdict']}: {fold['detail']}")
     print(f"Overall: {overall.upper()}" + (f" ({result['note']})" if "note" in result else ""))
+    if "cause" in result:
+        print(f"Cause: {result['cause']}")
     mlflow.log_dict(result, "reproduction/verdict.json")
     mlflow.set_tag("reproduction_verdict", overall)
     return result
@@ -242,8 +284,11 @@ def load_experiment(
     args: argparse.Namespace, config_file: Path, quick_config: Path, experiment: str, seed: int
 ) -> tuple[Config, list[Path], Original | None]:
     """The experiment: a config file with the --set overrides, or a logged run's record (--from-run); the config
-    files read; the original run. Fills in the seed, determinism and threads the command line left open."""
+    files read; the original run. Fills in the seed, determinism, threads and code paths the command line left
+    open."""
     original, files = None, []
+    if args.fresh_rerun and args.from_run is None:
+        raise SystemExit("--fresh-rerun reruns a logged run: give it with --from-run RUN_ID.")
     if args.from_run is not None:  # even "" (an unset shell variable): fetch refuses it
         if args.quick or args.config:
             raise SystemExit("--from-run takes the experiment from the run's record: give it without --quick/--config.")
@@ -259,15 +304,19 @@ def load_experiment(
     else:
         config, files = load(args.config or (quick_config if args.quick else config_file), args.set)
     recorded = {} if original is None else vars(original)
-    for name, default in (("seed", seed), ("deterministic", True), ("num_threads", os.cpu_count())):
+    defaults = (("seed", seed), ("deterministic", True), ("num_threads", os.cpu_count()), ("portable", args.quick))
+    for name, default in defaults:
         if getattr(args, name) is None:
             setattr(args, name, recorded.get(name, default))
     return config, files, original
 
 
-def rerun_of(original: Original | None, device: torch.device) -> tuple[str, dict] | None:
-    """For a rerun's key: the run it reruns, and what its verdict depends on (the packages, the hardware)."""
-    return None if original is None else (original.run.info.run_id, environment(device))
+def rerun_of(original: Original | None, device: torch.device, fresh: bool) -> tuple | None:
+    """For a rerun's key: the run it reruns, and what its verdict depends on (the packages, the hardware, the code
+    paths); with `fresh`, the time too, so a new root reruns every fold."""
+    if original is None:
+        return None
+    return (original.run.info.run_id, environment(device), time.time_ns() if fresh else None)
 
 
 def precision_difference(original: Original, precision: str) -> list[str]:

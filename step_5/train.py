@@ -42,7 +42,7 @@ import runs
 import settings
 import studies
 from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
-from provenance import code_digest, log_provenance
+from provenance import code_digest, log_provenance, pin_code_paths
 from splits import CONFIG_KEYS, choose_folds, fold_indices, load_splits
 from training import build_model, choose_precision, fit, make_loaders, seed_everything, train_and_evaluate
 
@@ -129,6 +129,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_device_flags(parser)
     common.add_seed_flags(parser, DEFAULT_SEED, when_not_given="; not given: the run's with --from-run, else {default}")
     common.add_amp_flag(parser)  # --amp/--no-amp: mixed precision on a CUDA GPU
+    common.add_portable_flag(parser)  # --portable/--no-portable: the CPU code paths every x86-64 CPU has
+    parser.add_argument(
+        "--fresh-rerun",
+        action="store_true",
+        help="with --from-run: rerun even if this rerun was made before (default: print its remembered verdict)",
+    )
     return parser.parse_args(argv)
 
 
@@ -190,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     config, config_files, original = reproduce.load_experiment(args, CONFIG, QUICK_CONFIG, EXPERIMENT, DEFAULT_SEED)
     studies.open_storage(config.search.storage)  # a bad config or storage stops here, before any work
     device = common.pick_device(args)  # and --num-workers, when not given, for that device
+    # The CPU's code paths, before the first computation: the same on every x86-64 CPU with --portable (provenance.py)
+    cpu_paths = pin_code_paths(args.portable)  # --quick's default, or the run's with --from-run (reproduce.py)
     seed_everything(args.seed, args.deterministic, args.num_threads)
     started = time.perf_counter()
 
@@ -206,8 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     # What decides the results: the split file, seed, determinism, config, device, threads and the code
     code = code_digest(Path(__file__).resolve().parent)
     precision = choose_precision(device, args.amp).name  # bf16 or fp16 on a CUDA GPU (unless --no-amp), else fp32
-    machine = (str(device), args.num_threads, precision)  # another device, thread count or precision: other bits
-    rerun = reproduce.rerun_of(original, device)  # a rerun: the run it reruns, the packages and the hardware
+    # another device, thread count, precision or CPU code path: other bits
+    machine = (str(device), args.num_threads, precision, cpu_paths)
+    rerun = reproduce.rerun_of(original, device, args.fresh_rerun)  # a rerun: the run, packages, hardware
     search_key = resume.run_key(
         splits["digest"], args.seed, args.deterministic, settings.recipe(config), machine, code, rerun
     )
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                 "config": f"run {args.from_run}" if original else str(config_files[0]),
                 "seed": args.seed,
                 "deterministic": args.deterministic,
+                "portable": cpu_paths["code_paths"] == "portable",
                 "device": str(device),
                 "amp": args.amp,
                 "precision": precision,
@@ -242,14 +252,14 @@ def main(argv: list[str] | None = None) -> None:
         studies.log_setup(space, config.search.sampler, pruner, config.search.n_trials, config.search.storage)
 
     experiment_id = runs.use_experiment(EXPERIMENT)
-    if reproduce.already_reproduced(original, experiment_id, key, folds):
+    if reproduce.already_reproduced(original, experiment_id, key, folds, args.fresh_rerun):
         return  # this very rerun was made before: its verdict is printed, nothing is rerun
     first = studies.claimer(config.search.storage, f"{EXPERIMENT}-root-{key}")  # of workers started together, one
     with resume.root_run(experiment_id, key, f"{config.model.backbone}-seed{args.seed}", record, first) as root:
         for fold in resume.pending(experiment_id, key, folds):  # a rerun skips the completed folds
             name = f"{EXPERIMENT}-split-{splits['digest'][:8]}-fold-{fold[0]}-{fold[1]}-{search_key[:8]}"
             run_fold(fold, splits, config, args, device, key, name)
-        reproduce.judge(original, root.info.run_id, list(space), args.set)  # a rerun: was the result the same?
+        reproduce.judge(original, root.info.run_id, list(space), args.set, differences)  # a rerun: the same result?
         mlflow.set_tag("run_complete", "true")  # every fold this command asked for is complete
 
     print(f"{len(folds)} fold(s) complete in {time.perf_counter() - started:.0f} s")

@@ -21,19 +21,28 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-# The steps put MKL in its reproducible mode before their first computation (seed_everything); MKL reads the
-# variables once, at its first call. Tests that run a step's main() in this process must get the same mode,
-# whatever ran here before them. Scripts run as subprocesses inherit it; the test of the pin removes it.
-MKL_REPRODUCIBLE = {"MKL_CBWR": "AUTO", "MKL_DYNAMIC": "FALSE"}
-for _name, _value in MKL_REPRODUCIBLE.items():
-    os.environ.setdefault(_name, _value)
+# The steps pin the CPU's code paths before their first computation (provenance.pin_code_paths: with --quick, the
+# portable ones); MKL, oneDNN and torch read the variables once, at their first call. Tests that run a step's main()
+# in this process run --quick, so this process takes the portable paths before anything imports torch, whatever
+# runs here first (a test checks that this is provenance.PORTABLE_CODE_PATHS). Scripts run as subprocesses get
+# none of them, as from a user's shell: they must pin their paths themselves.
+QUICK_CODE_PATHS = {
+    "MKL_CBWR": "COMPATIBLE",
+    "MKL_DYNAMIC": "FALSE",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+}
+for _name, _value in QUICK_CODE_PATHS.items():
+    os.environ[_name] = _value
 
 
 def run_script(
     script: str, *args: str, cwd: Path, check: bool = True, env: dict | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess:
     """Run `python <script> <args>` from `cwd` as the README does; fail the test with its output if it fails."""
-    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # each test has its own store
+    inherited = {  # each test has its own store; a user's shell has none of the code paths this process pins
+        k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and k not in QUICK_CODE_PATHS
+    }
     merged = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env = {k: v for k, v in merged.items() if v is not None}  # env={"NAME": None} removes NAME
     proc = subprocess.run(

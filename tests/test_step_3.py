@@ -529,7 +529,7 @@ def test_code_digest_follows_the_python_files_and_nothing_else(tmp_path):
     assert provenance.code_digest(code) != digest
 
 
-KEY_INPUTS = ["nothing", "seed", "threads", "determinism", "settings", "split file", "code"]
+KEY_INPUTS = ["nothing", "seed", "threads", "determinism", "settings", "split file", "code", "code paths"]
 
 
 @pytest.mark.parametrize("change", KEY_INPUTS)
@@ -562,6 +562,11 @@ def test_the_same_inputs_reopen_the_root_and_any_other_input_makes_a_new_one(
             return real_code_digest(copy)
 
         monkeypatch.setattr(train, "code_digest", edited)
+    elif change == "code paths":  # as on a CPU whose torch kernels run AVX-512 code (--no-portable there)
+        real_pin = train.pin_code_paths
+        monkeypatch.setattr(
+            train, "pin_code_paths", lambda portable: {**real_pin(portable), "cpu_capability": "AVX512"}
+        )
     with torch_settings_kept():
         main_in_process(train, key_command(standin_split, *flags), tmp_path, monkeypatch)
     out, client = capsys.readouterr().out, client_in(tmp_path)

@@ -26,6 +26,7 @@ import optuna
 import pandas as pd
 import pytest
 from conftest import (
+    QUICK_CODE_PATHS,
     REPO,
     client_in,
     free_port,
@@ -572,15 +573,35 @@ def test_a_rerun_is_new_whenever_code_packages_hardware_threads_seed_or_config_c
         "code": ([], lambda: monkeypatch.setattr(train, "code_digest", lambda folder: "edited")),
         "packages": ([], lambda: monkeypatch.setattr(
             train.reproduce, "environment", lambda device: {**real_environment(device), "torch": "9.9"})),
+        "a code path's variable": ([], lambda: monkeypatch.setenv("MKL_CBWR", "AUTO")),  # exported by the user
+        "nothing, but --fresh-rerun": (["--fresh-rerun"], None),
     }  # fmt: skip
+    warnings = {}
     for count, (name, (flags, change)) in enumerate(changes.items(), start=2):
         monkeypatch.setattr(train, "code_digest", real_code_digest)
         monkeypatch.setattr(train.reproduce, "environment", real_environment)
+        monkeypatch.setenv("MKL_CBWR", QUICK_CODE_PATHS["MKL_CBWR"])
         if change:
             change()
         main_in_process(train, [*rerun, *flags], tmp_path, monkeypatch)
-        out = capsys.readouterr().out
+        out, warnings[name] = capsys.readouterr()
         assert reruns() == count and "Already reproduced" not in out and "already complete" not in out, name
+    # the user's variable: a warning that names it, and the difference named as the CPU's code path
+    said = warnings["a code path's variable"]
+    assert "WARNING MKL_CBWR=AUTO set in the environment, and kept" in said, said
+    assert "not as in run" in said and "the CPU's code path differs: MKL_CBWR: COMPATIBLE then, AUTO now" in said
+    assert "code path" not in warnings["nothing, but --fresh-rerun"]
+
+
+def test_a_verdicts_cause_is_the_code_path_or_what_else_differs_or_nothing_on_record():
+    reproduce = load_step_module("step_5", "reproduce")
+    path = "the CPU's code path differs: env.cpu_capability: AVX2 then, AVX512 now"
+    assert reproduce.cause_of([path, "code_digest: a then, b now"], []) == (
+        "the CPU's code path differs (env.cpu_capability: AVX2 then, AVX512 now)"
+    )
+    assert reproduce.cause_of(["code_digest: a then, b now"], []).startswith("not as in the original: code_digest")
+    assert "--set training.batch_size=16" in reproduce.cause_of([], ["training.batch_size=16"])
+    assert reproduce.cause_of([], []).startswith("nothing in the record explains it")
 
 
 def test_the_same_rerun_again_says_it_was_reproduced_and_trains_nothing(experiment):

@@ -140,9 +140,14 @@ def main(argv: list[str] | None = None) -> None:
         "--spread-threads", type=int, default=10, help="then one training per thread count 1..N: how far the "
         "metrics move when only the thread count changes (default 10; 0 skips it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--portable", action=argparse.BooleanOptionalAction, default=False,
+        help="the portable code paths (provenance.pin_code_paths), as --quick runs them; default: the native ones",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     train = load_train("step_2")
+    train.pin_code_paths(args.portable)  # before the first computation, as step 2's main() does
     recorder = Recorder(train)
     settings, device = train.QUICK, torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:

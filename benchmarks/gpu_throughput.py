@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     pets = importlib.import_module("pets")  # step 2's, on sys.path since load_train
     training = load_module("step_3", "training")  # steps 3 to 5's core (its helpers: step 2's identical copies)
     settings = train.QUICK if args.quick else dataclasses.replace(train.FULL, pretrained=False)
+    train.pin_code_paths(False)  # MKL's reproducible mode on the native code paths, as the steps without --quick
     train.seed_everything(0, True, torch.get_num_threads())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"{where} | torch {torch.__version__}, {torch.get_num_threads()} threads | {settings.backbone} at "

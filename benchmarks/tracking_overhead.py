@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
     train = load_train("step_2")
     settings, device = train.QUICK, torch.device("cpu")
+    train.pin_code_paths(False)  # MKL's reproducible mode on the native code paths, as the steps without --quick
     train.seed_everything(0, True, os.cpu_count())
     paths, labels = train.read_annotations(train.dataset_folder(args.data_dir))
     keep = train.stratified_subset(labels, args.images, 0)

@@ -151,7 +151,11 @@ def build_report(
         f"{len(packages)} installed packages in provenance/installed_distributions.txt",
         f"- [x] Computing infrastructure: {tags.get('env.device', '?')} "
         f"{tags.get('env.device_name', '')} on {tags.get('env.cpu_model', '?')}, {tags.get('env.platform', '?')}; "
-        f"{tags.get('env.torch_threads', '?')} torch thread(s); CUDA {tags.get('env.cuda', '?')}",
+        f"{tags.get('env.torch_threads', '?')} torch thread(s); CUDA {tags.get('env.cuda', '?')}; CPU "
+        f"{tags.get('env.cpu_vendor', '?')} family {tags.get('env.cpu_family', '?')} model "
+        f"{tags.get('env.cpu_model_number', '?')} ({tags.get('env.cpu_flags', '?')}), "
+        f"{tags.get('env.code_paths', 'native')} code paths (torch {tags.get('env.cpu_capability', '?')}, MKL "
+        f"{tags.get('env.mkl_cbwr', '?')}, oneDNN {tags.get('env.onednn_max_cpu_isa', '?')})",
         f"- [x] Determinism: deterministic algorithms {'on' if params.get('deterministic') == 'True' else 'off'}, "
         f"seed {params.get('seed', '?')}; ops without a deterministic kernel: {', '.join(nondeterministic) or 'none'}",
         f"- [x] Trained models: one MLflow model per fold, on each fold's refit run ({len(refits)} logged)",

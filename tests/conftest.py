@@ -7,10 +7,12 @@ import contextlib
 import importlib.util
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -130,8 +132,9 @@ def client_in(cwd: Path) -> mlflow.MlflowClient:
 
 def command_from_record(client: mlflow.MlflowClient, fold_run: mlflow.entities.Run, folder: Path) -> list[str]:
     """The train.py flags that rerun one fold of steps 3 and 4, from what MLflow recorded alone: the root run's
-    params (seed, quick, device, data folder, deterministic, amp; trials and pruning in step 4) and logged split file
-    (downloaded into `folder`), the fold run's params (threads, workers) and tags (which fold). Nothing else."""
+    params (seed, quick, device, data folder, deterministic, amp, portable; trials and pruning in step 4) and logged
+    split file (downloaded into `folder`), the fold run's params (threads, workers) and tags (which fold). Nothing
+    else."""
     root = client.get_run(fold_run.data.tags["mlflow.parentRunId"])
     params, fold = root.data.params, fold_run.data.params
     (logged,) = client.list_artifacts(root.info.run_id, "splits")
@@ -143,10 +146,84 @@ def command_from_record(client: mlflow.MlflowClient, fold_run: mlflow.entities.R
         *(["--quick"] if params["quick"] == "True" else []),
         "--deterministic" if params["deterministic"] == "True" else "--no-deterministic",
         "--amp" if params["amp"] == "True" else "--no-amp",
+        "--portable" if params["portable"] == "True" else "--no-portable",
     ]  # fmt: skip
     if "n_trials" in params:  # step 4: the search's budget and pruning (its storage is this folder's own)
         flags += ["--n-trials", params["n_trials"], "--pruning" if params["pruning"] == "True" else "--no-pruning"]
     return flags
+
+
+# Where a failed bit-for-bit comparison keeps both runs' stores, so that a rare failure can be read afterwards
+EVIDENCE = Path(os.environ.get("REPROAI_EVIDENCE_DIR", tempfile.gettempdir())) / "reproai-bit-for-bit-evidence"
+
+
+def phase_losses(client: mlflow.MlflowClient, run_id: str) -> dict[str, list[float]]:
+    """Every phase run's logged train_loss, step by step, under run_id (any depth: a fold's trials and refit too),
+    keyed by where it lies, e.g. "refit/warmup", in the order the runs started."""
+    run = client.get_run(run_id)
+    found, todo = {}, [(run, "")]
+    while todo:
+        parent, path = todo.pop(0)
+        children = client.search_runs(
+            [parent.info.experiment_id],
+            f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
+        for child in children:
+            tags = child.data.tags
+            name = tags.get("phase") or f"{tags.get('run_level', 'run')}{tags.get('trial_number', '')}"
+            where = f"{path}/{name}".lstrip("/")
+            if "phase" in tags:
+                history = client.get_metric_history(child.info.run_id, "train_loss")
+                found[where] = [m.value for m in sorted(history, key=lambda m: m.step)]
+            else:
+                todo.append((child, where))
+    return found
+
+
+def first_parting(before: dict[str, list[float]], after: dict[str, list[float]]) -> str:
+    """Where two runs' logged losses first differ, phase by phase: the phase, the step and both values."""
+    for phase in before.keys() | after.keys():
+        if phase not in before or phase not in after:
+            return f"phase {phase} is in one run only"
+    for phase, losses in before.items():
+        for step, (a, b) in enumerate(zip(losses, after[phase], strict=False)):
+            if a != b:
+                return f"phase {phase}, step {step}: train_loss {a!r} vs {b!r} (equal before that)"
+        if len(losses) != len(after[phase]):
+            return f"phase {phase}: {len(losses)} vs {len(after[phase])} steps, equal as far as both go"
+    return "every logged loss equal: they parted after the last training step (evaluation, threshold, predictions)"
+
+
+def store_of(client: mlflow.MlflowClient) -> Path:
+    """The folder of a client's sqlite store (mlflow.db and mlruns/ lie there)."""
+    return Path(client.tracking_uri.removeprefix("sqlite:///")).parent
+
+
+def assert_bit_identical(
+    test: str, a: tuple[mlflow.MlflowClient, str], b: tuple[mlflow.MlflowClient, str], folder: Path
+) -> None:
+    """Two runs (client, run id) have the same metrics and prediction tables, bit for bit. When not, the failure
+    says where they parted (their logged losses, phase by phase) and names a folder that keeps both runs' stores."""
+    (client_a, id_a), (client_b, id_b) = a, b
+    metrics = [
+        {k: v for k, v in client.get_run(run_id).data.metrics.items() if not k.startswith(("analysis_", "system/"))}
+        for client, run_id in (a, b)
+    ]
+    same = metrics[0] == metrics[1] and logged_predictions(client_a, id_a, folder / "a") == logged_predictions(
+        client_b, id_b, folder / "b"
+    )
+    if same:
+        return
+    parted = first_parting(phase_losses(client_a, id_a), phase_losses(client_b, id_b))
+    kept = EVIDENCE / f"{test}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    for name, client in (("a", client_a), ("b", client_b)):
+        shutil.copytree(store_of(client), kept / name, ignore=shutil.ignore_patterns("*.journal*"))
+    pytest.fail(
+        f"Not bit for bit: run {id_a} (a) and run {id_b} (b) differ. Where they parted: {parted}. "
+        f"Metrics a {metrics[0]} vs b {metrics[1]}. Both stores kept in {kept} (mlflow ui --backend-store-uri "
+        f"sqlite:///{kept}/a/mlflow.db)."
+    )
 
 
 def logged_predictions(client: mlflow.MlflowClient, run_id: str, folder: Path) -> dict[str, bytes]:

@@ -23,6 +23,7 @@ import torch
 from conftest import (
     QUICK_CODE_PATHS,
     REPO,
+    assert_bit_identical,
     load_step_module,
     logged_predictions,
     main_captured,
@@ -148,7 +149,9 @@ def test_printout_names_store_run_and_ui(runs):
     assert "SYNTHETIC STAND-IN" in out
 
 
-def test_same_seed_is_bit_identical_whatever_the_worker_count(runs):
+def test_same_seed_is_bit_identical_whatever_the_worker_count(runs, tmp_path):
+    client = runs["client"]
+    assert_bit_identical("step2-workers-0-vs-2", (client, runs["ids"]["a"]), (client, runs["ids"]["b"]), tmp_path)
     a = run_outputs(runs["client"], runs["ids"]["a"])
     b = run_outputs(runs["client"], runs["ids"]["b"])
     assert a["metrics"] == b["metrics"]
@@ -158,6 +161,36 @@ def test_same_seed_is_bit_identical_whatever_the_worker_count(runs):
     assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
     params = [runs["client"].get_run(runs["ids"][n]).data.params["num_workers"] for n in "ab"]
     assert params == ["0", "2"]
+
+
+def test_a_failed_bit_for_bit_comparison_names_where_the_runs_parted_and_keeps_both_stores(tmp_path, monkeypatch):
+    """A rare failure must explain itself: assert_bit_identical (every bit-for-bit test's comparison) names the
+    phase and step where the two runs' logged losses first differ, and keeps both stores in a folder it names."""
+    import conftest
+
+    monkeypatch.setattr(conftest, "EVIDENCE", tmp_path / "evidence")
+    made = []
+    for name, losses in (("a", [0.7, 0.6, 0.5, 0.4]), ("b", [0.7, 0.6, 0.5, 0.41])):
+        (store := tmp_path / name).mkdir()
+        client = client_for(store)
+        experiment = client.create_experiment("step_2", artifact_location=(store / "mlruns").as_uri())
+        root = client.create_run(experiment, tags={"run_level": "root"}).info.run_id
+        for phase, values in (("warmup", [0.9, 0.8]), ("finetune", losses)):
+            tags = {"run_level": "phase", "phase": phase, "mlflow.parentRunId": root}
+            child = client.create_run(experiment, tags=tags).info.run_id
+            for step, value in enumerate(values):
+                client.log_metric(child, "train_loss", value, step=step)
+        client.log_metric(root, "test_roc_auc", losses[-1])
+        for table in ("dev", "test"):
+            client.log_text(root, "file,label,score\n", f"predictions/{table}_predictions.csv")
+        made.append((client, root))
+    conftest.assert_bit_identical("same", made[0], (client_for(tmp_path / "a"), made[0][1]), tmp_path / "x")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        conftest.assert_bit_identical("planted", made[0], made[1], tmp_path / "compared")
+    message = str(failed.value)
+    assert "phase finetune, step 3: train_loss 0.4 vs 0.41 (equal before that)" in message, message
+    (kept,) = (tmp_path / "evidence").iterdir()
+    assert f"kept in {kept}" in message and (kept / "a" / "mlflow.db").is_file() and (kept / "b" / "mlruns").is_dir()
 
 
 MKL_PROBE = """
@@ -410,6 +443,8 @@ def test_a_run_is_rerun_bit_for_bit_from_its_record_alone(runs, tmp_path):
     env = {k: v for k, v in env.items() if v is not None and k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    pair = (client_for(tmp_path), root_run_id(proc.stdout)), (runs["client"], runs["ids"]["c"])
+    assert_bit_identical("step2-rerun-from-record", *pair, tmp_path / "compared")
     again = run_outputs(client_for(tmp_path), root_run_id(proc.stdout))
     before = run_outputs(runs["client"], runs["ids"]["c"])
     assert again["metrics"] == before["metrics"]

@@ -28,6 +28,7 @@ import pytest
 import torch
 from conftest import (
     REPO,
+    assert_bit_identical,
     client_in,
     command_from_record,
     load_step_module,
@@ -215,6 +216,8 @@ def test_kill_after_the_first_fold_then_resume_gives_the_same_folds(cv, split_fi
     assert sorted(folds) == [(0, 0), (0, 1)] and all(len(r) == 1 for r in folds.values())
     uninterrupted = fold_runs(cv["client"])
     for fold in folds:
+        pair = (client, folds[fold][0].info.run_id), (cv["client"], uninterrupted[fold][0].info.run_id)
+        assert_bit_identical(f"step3-resume-fold-{fold[0]}-{fold[1]}", *pair, tmp_path / "compared")
         assert folds[fold][0].data.metrics == uninterrupted[fold][0].data.metrics, fold
     roots = client.search_runs([experiment_id], "tags.run_level = 'root'")
     assert len(roots) == 1 and roots[0].data.tags["run_complete"] == "true"
@@ -227,6 +230,8 @@ def test_a_fold_is_rerun_bit_for_bit_from_its_record_alone(cv, tmp_path):
     (cwd := tmp_path / "rerun").mkdir()
     run_script("step_3/train.py", *command_from_record(cv["client"], original, tmp_path), cwd=cwd)
     (again,) = fold_runs(client_in(cwd))[(2, 0)]
+    pair = (client_in(cwd), again.info.run_id), (cv["client"], original.info.run_id)
+    assert_bit_identical("step3-rerun-from-record", *pair, tmp_path / "compared")
     assert again.data.metrics == original.data.metrics
     assert logged_predictions(client_in(cwd), again.info.run_id, tmp_path) == logged_predictions(
         cv["client"], original.info.run_id, tmp_path
@@ -247,6 +252,8 @@ def test_worker_processes_change_no_bit(cv, tmp_path):
     run_script("step_3/train.py", *flags, cwd=cwd)
     (again,) = fold_runs(client_in(cwd))[(2, 0)]
     assert again.data.params["num_workers"] == "2"
+    pair = (client_in(cwd), again.info.run_id), (cv["client"], original.info.run_id)
+    assert_bit_identical("step3-workers-0-vs-2", *pair, tmp_path / "compared")
     assert again.data.metrics == original.data.metrics
     assert logged_predictions(client_in(cwd), again.info.run_id, tmp_path) == logged_predictions(
         cv["client"], original.info.run_id, tmp_path

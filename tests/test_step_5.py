@@ -256,6 +256,12 @@ def test_a_bad_config_from_the_command_line_has_no_traceback(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_fresh_rerun_without_from_run_is_one_sentence(tmp_path, monkeypatch):
+    said = user_error("step_5/train.py", ["--quick", "--fresh-rerun"], tmp_path, monkeypatch)
+    assert said == "--fresh-rerun reruns a logged run: give it with --from-run RUN_ID."
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # What is logged
 def test_the_config_file_its_resolution_and_the_overrides_are_logged(experiment, settings, quick):
@@ -427,7 +433,8 @@ def test_the_report_says_what_the_records_say(experiment):
                   tags["env.cpu_model"], f"Python {tags['env.python']}", "SYNTHETIC STAND-IN", "3 outer x 3 inner",
                   "deterministic algorithms on, seed 0", "ops without a deterministic kernel: none",
                   "Categorical [32, 64, 128]", "Float 0.0003 to 0.003, log scale", "2 identical",
-                  "interval none (one outer fold"):  # fmt: skip
+                  "interval none (one outer fold", f"model {tags['env.cpu_model_number']} ({tags['env.cpu_flags']})",
+                  "portable code paths (torch AVX2, MKL COMPATIBLE, oneDNN AVX2)"):  # fmt: skip
         assert value in report, value
     for (root_split, nested_split), fold in fold_runs(client, root.info.run_id).items():
         row = f"| {root_split}/{nested_split} | {fold.data.params['n_train']} | {fold.data.params['n_dev']} | "

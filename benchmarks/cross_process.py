@@ -17,9 +17,9 @@ training is a fresh process's); an optimizer hook digests every step's gradients
 step's loss. For a training that differs from the reference the table names where it first parted: the phase and
 step, and whether the loss, the gradients or the weights of that step differ first. With --load, busy-loop
 processes run beside everything. The stores of the reference and of the first training that parted are kept in
---evidence. Exits 0. Run from the repository root (~70 s a repeat on 2 cores):
+--evidence. Exits 0. Run from the repository root (~115 s a repeat and ~35 s a kill-and-resume on 2 cores):
 
-    python benchmarks/cross_process.py --repeats 50 --kill-repeats 10
+    python benchmarks/cross_process.py --repeats 50 --kill-repeats 10 --minutes 90
     python benchmarks/cross_process.py --repeats 10 --load 2 --portable
 """
 
@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=0, help="busy-loop processes beside everything (default 0)")
     parser.add_argument("--images", type=int, default=240, help="images of the stand-in (default 240, as the tests)")
     parser.add_argument("--portable", action=argparse.BooleanOptionalAction, default=True, help="code paths")
+    parser.add_argument("--minutes", type=float, help="start no repeat after this many minutes: report what ran")
     parser.add_argument("--evidence", type=Path, default=Path(tempfile.gettempdir()) / "reproai-cross-process")
     parser.add_argument("--child", nargs=4, metavar=("STEP", "DATA", "SPLITS", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,7 +196,11 @@ def main() -> None:
             subprocess.run([sys.executable, str(REPO / script), *extra, "--data-dir", str(data_dir)], check=True,
                            capture_output=True)  # fmt: skip
         flag = ["--portable" if args.portable else "--no-portable"]
+        started = time.monotonic()
         for repeat in range(args.repeats):
+            if args.minutes and time.monotonic() - started > 60 * args.minutes:
+                print(f"  {args.minutes} minutes spent: {repeat} of {args.repeats} repeats ran", flush=True)
+                break
             for step in ("step_2", "step_3"):
                 (folder := tmp / f"{step}-{repeat}").mkdir()
                 command = [
@@ -210,7 +216,7 @@ def main() -> None:
                 subprocess.run(command, check=True, capture_output=True)
                 for cell, record in json.loads((folder / "records.json").read_text()).items():
                     records[cell].append(record)
-            print(f"  repeat {repeat + 1}/{args.repeats} done", flush=True)
+            print(f"  repeat {repeat + 1}/{args.repeats} done ({time.monotonic() - started:.0f} s)", flush=True)
         for repeat in range(args.kill_repeats):
             (cwd := tmp / f"killed-{repeat}").mkdir()
             records["step 3 resumed"].append(killed_and_resumed(data_dir, split_file, cwd, args.portable))

@@ -54,27 +54,11 @@ CODE_PATH_VARIABLES = (
 CODE_PATH_PREFIXES = ("MKL_", "ONEDNN_", "DNNL_", "ATEN_", "OMP_", "GOMP_", "KMP_")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 # oneMKL's named constants for CNR control: the branch's number, and its name
-MKL_BRANCHES = dict(
-    enumerate(
-        (
-            "OFF",
-            "OFF",
-            "AUTO",
-            "COMPATIBLE",
-            "SSE2",
-            "SSE3",
-            "SSSE3",
-            "SSE4_1",
-            "SSE4_2",
-            "AVX",
-            "AVX2",
-            "AVX512_MIC",
-            "AVX512",
-            "AVX512_MIC_E1",
-            "AVX512_E1",
-        )
-    )
-)
+MKL_BRANCHES = dict(enumerate(("OFF", "OFF", "AUTO", "COMPATIBLE", "SSE2", "SSE3", "SSSE3", "SSE4_1", "SSE4_2", "AVX",
+                               "AVX2", "AVX512_MIC", "AVX512", "AVX512_MIC_E1", "AVX512_E1")))  # fmt: skip
+# The variables that pin a run's code paths: what an analysis or a served model sets again to compute as it did
+PINNED = ("MKL_CBWR", "MKL_DYNAMIC", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+          "ATEN_CPU_CAPABILITY")  # fmt: skip
 
 
 def git(*args: str, cwd: Path) -> str | None:
@@ -184,7 +168,9 @@ def code_paths() -> dict[str, str]:
         "mkl_cbwr": mkl_branch(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "native")),
     }
-    pinned = (PORTABLE_CODE_PATHS["ATEN_CPU_CAPABILITY"].upper(), PORTABLE_CODE_PATHS["MKL_CBWR"], "AVX2")
+    pinned = tuple(
+        PORTABLE_CODE_PATHS[name].upper() for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+    )
     portable = (paths["cpu_capability"], paths["mkl_cbwr"], paths["onednn_max_cpu_isa"].upper()) == pinned
     return {**paths, "code_paths": "portable" if portable else "native"}
 
@@ -217,16 +203,6 @@ def pin_code_paths(portable: bool) -> dict[str, str]:
             "pass --no-portable."
         )
     return paths
-
-
-PINNED = (
-    "MKL_CBWR",
-    "MKL_DYNAMIC",
-    "MKL_ENABLE_INSTRUCTIONS",
-    "ONEDNN_MAX_CPU_ISA",
-    "DNNL_MAX_CPU_ISA",
-    "ATEN_CPU_CAPABILITY",
-)
 
 
 def recorded_code_paths(tags: dict[str, str]) -> dict[str, str]:

@@ -56,6 +56,7 @@ class Original:
     deterministic: bool
     num_threads: int
     portable: bool  # the CPU code paths every x86-64 CPU has (a record without it ran the native ones)
+    fresh: bool = False  # --fresh-rerun: rerun even if this rerun was made before
 
 
 def fetch(run_id: str, experiment: str) -> Original:
@@ -125,10 +126,10 @@ def environment(device: torch.device) -> dict[str, str]:
     return {**software_and_hardware(device), "installed_distributions": packages}
 
 
-def already_reproduced(original: Original | None, experiment_id: str, key: str, folds: list, fresh: bool) -> bool:
+def already_reproduced(original: Original | None, experiment_id: str, key: str, folds: list) -> bool:
     """Whether a complete rerun with this run key (the same record, code, packages, hardware, code paths and
-    threads) has every fold asked for: then its verdict is printed, and nothing is rerun (unless `fresh`)."""
-    if original is None or fresh:
+    threads) has every fold asked for: then its verdict is printed, and nothing is rerun (unless --fresh-rerun)."""
+    if original is None or original.fresh:
         return False
     done = completed_folds(experiment_id, key)
     query = f"tags.run_level = 'root' AND tags.run_key = '{key}' AND tags.run_complete = 'true'"
@@ -161,10 +162,9 @@ def environment_differences(original: Original, code_dir: Path, device: torch.de
         "code_digest": code_digest(code_dir),
         **{f"env.{key}": value for key, value in software_and_hardware(device).items()},
     }
-    if "env.code_paths" in tags:  # a record that lists its variables: one set then or now only differs too
-        then_variables = {key for key in tags if key.startswith("env.var.")}
-        now |= {key: "unset" for key in then_variables - set(now)}
-        tags = {**{key: "unset" for key in now if key.startswith("env.var.")}, **tags}
+    if "env.code_paths" in tags:  # a record that lists its variables: one set then only, or now only, differs too
+        variables = dict.fromkeys((key for key in (*tags, *now) if key.startswith("env.var.")), "unset")
+        now, tags = {**variables, **now}, {**variables, **tags}
     differences = [
         ("the CPU's code path differs: " if key.startswith(CODE_PATH_TAGS) else "")
         + f"{key.removeprefix('env.var.')}: {tags[key]} then, {value} now"
@@ -280,6 +280,14 @@ def judge(
     return result
 
 
+def add_rerun_flags(parser: argparse.ArgumentParser) -> None:
+    """--from-run RUN_ID, and --fresh-rerun to rerun it even where the same rerun was made before."""
+    parser.add_argument("--from-run", metavar="RUN_ID", help="rerun a logged root run; says if it came back")
+    parser.add_argument(
+        "--fresh-rerun", action="store_true", help="with --from-run: rerun even if this rerun was made before"
+    )
+
+
 def load_experiment(
     args: argparse.Namespace, config_file: Path, quick_config: Path, experiment: str, seed: int
 ) -> tuple[Config, list[Path], Original | None]:
@@ -292,7 +300,7 @@ def load_experiment(
     if args.from_run is not None:  # even "" (an unset shell variable): fetch refuses it
         if args.quick or args.config:
             raise SystemExit("--from-run takes the experiment from the run's record: give it without --quick/--config.")
-        original = fetch(args.from_run, experiment)
+        original = replace(fetch(args.from_run, experiment), fresh=args.fresh_rerun)
         source = f"run {args.from_run}'s config/resolved_config.json"
         config = from_json(original.config, source)  # JSON is data: nothing fetched from a server is executed
         config = apply_overrides(config, args.set, source)
@@ -311,12 +319,12 @@ def load_experiment(
     return config, files, original
 
 
-def rerun_of(original: Original | None, device: torch.device, fresh: bool) -> tuple | None:
+def rerun_of(original: Original | None, device: torch.device) -> tuple | None:
     """For a rerun's key: the run it reruns, and what its verdict depends on (the packages, the hardware, the code
-    paths); with `fresh`, the time too, so a new root reruns every fold."""
+    paths); with --fresh-rerun, the time too, so a new root reruns every fold."""
     if original is None:
         return None
-    return (original.run.info.run_id, environment(device), time.time_ns() if fresh else None)
+    return (original.run.info.run_id, environment(device), time.time_ns() if original.fresh else None)
 
 
 def precision_difference(original: Original, precision: str) -> list[str]:

@@ -125,16 +125,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="config file (default config.py), Python that runs as code (run only files you trust)",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. training.batch_size=16")
-    parser.add_argument("--from-run", metavar="RUN_ID", help="rerun a logged root run; says if it came back")
+    reproduce.add_rerun_flags(parser)  # --from-run RUN_ID: rerun a logged root run, say if it came back; --fresh-rerun
     common.add_device_flags(parser)
     common.add_seed_flags(parser, DEFAULT_SEED, when_not_given="; not given: the run's with --from-run, else {default}")
     common.add_amp_flag(parser)  # --amp/--no-amp: mixed precision on a CUDA GPU
     common.add_portable_flag(parser)  # --portable/--no-portable: the CPU code paths every x86-64 CPU has
-    parser.add_argument(
-        "--fresh-rerun",
-        action="store_true",
-        help="with --from-run: rerun even if this rerun was made before (default: print its remembered verdict)",
-    )
     return parser.parse_args(argv)
 
 
@@ -197,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     studies.open_storage(config.search.storage)  # a bad config or storage stops here, before any work
     device = common.pick_device(args)  # and --num-workers, when not given, for that device
     # The CPU's code paths, before the first computation: the same on every x86-64 CPU with --portable (provenance.py)
-    cpu_paths = pin_code_paths(args.portable)  # --quick's default, or the run's with --from-run (reproduce.py)
+    cpu_paths = pin_code_paths(args.quick if args.portable is None else args.portable)
     seed_everything(args.seed, args.deterministic, args.num_threads)
     started = time.perf_counter()
 
@@ -216,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     precision = choose_precision(device, args.amp).name  # bf16 or fp16 on a CUDA GPU (unless --no-amp), else fp32
     # another device, thread count, precision or CPU code path: other bits
     machine = (str(device), args.num_threads, precision, cpu_paths)
-    rerun = reproduce.rerun_of(original, device, args.fresh_rerun)  # a rerun: the run, packages, hardware
+    rerun = reproduce.rerun_of(original, device)  # a rerun: the run it reruns, the packages and the hardware
     search_key = resume.run_key(
         splits["digest"], args.seed, args.deterministic, settings.recipe(config), machine, code, rerun
     )
@@ -252,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         studies.log_setup(space, config.search.sampler, pruner, config.search.n_trials, config.search.storage)
 
     experiment_id = runs.use_experiment(EXPERIMENT)
-    if reproduce.already_reproduced(original, experiment_id, key, folds, args.fresh_rerun):
+    if reproduce.already_reproduced(original, experiment_id, key, folds):
         return  # this very rerun was made before: its verdict is printed, nothing is rerun
     first = studies.claimer(config.search.storage, f"{EXPERIMENT}-root-{key}")  # of workers started together, one
     with resume.root_run(experiment_id, key, f"{config.model.backbone}-seed{args.seed}", record, first) as root:

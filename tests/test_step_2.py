@@ -217,6 +217,11 @@ print(f"ATen: {torch.backends.cpu.get_cpu_capability()}")
 """
 
 
+def test_the_tests_pin_this_process_to_the_portable_code_paths():
+    """conftest.py pins the test process before torch loads, for the --quick runs made in it: the same values."""
+    assert QUICK_CODE_PATHS == provenance.PORTABLE_CODE_PATHS
+
+
 @pytest.mark.parametrize("paths", ["native", "portable"])
 def test_mkl_onednn_and_aten_run_the_code_paths_pinned_before_their_first_call(paths):
     """A way for the same command to give other bits (benchmarks/README.md, determinism.py): MKL, which computes

@@ -847,3 +847,18 @@ def test_the_served_model_answers_as_predict_does_to_the_last_bit(registered, tm
     assert served == [local[name] for name in names]
     alone = predictions(run_script("step_5/predict.py", files[0], cwd=registered["cwd"]).stdout)
     assert (np.float32(one["predictions"][0]["p_cat"]), one["predictions"][0]["label"]) == alone[names[0]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config checks before any run: hyper-parameter names, infinite and NaN values, the sampler against the space
+# (section: config checks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images too large to decode safely, and the wording of register.py, predict.py and --from-run
+# (section: images and wording)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Behaviours guarded by nothing before: each test fails when its bug is planted back (tests/README.md)
+# (section: unguarded behaviours)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ from tqdm import tqdm
 STANDIN_MARKER = "SYNTHETIC.json"  # written only into the synthetic stand-in (download_data.py --synthetic)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation the ImageNet weights expect
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# open_image refuses an image over Pillow's limit itself, in one sentence: Pillow's warning would only repeat it
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def dataset_folder(data_dir: Path) -> Path:
@@ -60,14 +64,57 @@ def read_annotations(folder: Path) -> tuple[list[Path], np.ndarray]:
     return paths, np.array(labels)
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
+class TooLarge(ValueError):
+    """An image with more pixels than Pillow decodes safely: refused before a pixel is decoded (one sentence)."""
+
+
+def header_size(source: Path | IO[bytes]) -> tuple[int, int] | None:
+    """An image's width and height from its header alone: Pillow refuses an image over twice its limit without
+    saying them. None when no format reads the header."""
+    with contextlib.ExitStack() as stack:
+        file = stack.enter_context(open(source, "rb")) if isinstance(source, str | os.PathLike) else source
+        file.seek(0)
+        prefix = file.read(16)
+        for factory, accept in list(Image.OPEN.values()):  # the formats Pillow tried: the one that refused is there
+            accepted = accept is None or accept(prefix)  # as Image.open asks: a str is a reason to decline
+            if accepted and not isinstance(accepted, str):
+                file.seek(0)
+                with contextlib.suppress(OSError, ValueError, SyntaxError):  # not this format after all
+                    return factory(file, "").size
+    return None
+
+
+def open_image(source: Path | IO[bytes]) -> Image.Image:
+    """Image.open, but an image with more pixels than Pillow decodes safely (Image.MAX_IMAGE_PIXELS, 89 million in
+    Pillow 13) is refused with TooLarge before any pixel is decoded: a decompression bomb (a tiny file that decodes
+    to gigabytes) or a photo far larger than any model input. Pillow itself only warns up to twice that limit."""
+    name = str(source) if isinstance(source, str | os.PathLike) else "The image"
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        image = Image.open(source)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # over twice the limit (or warnings on)
+        size = header_size(source)
+    else:
+        if limit is None or image.width * image.height <= limit:
+            return image
+        size = image.size
+        image.close()
+    what = "has more pixels" if size is None else f"is {size[0]} x {size[1]} pixels, more"
+    raise TooLarge(
+        f"{name} {what} than Pillow decodes safely ({limit:,} pixels): a decompression bomb, or a photo to scale "
+        "down first."
+    )
+
+
+def load_image(path: Path | IO[bytes], size: int) -> torch.Tensor:
     """Decode an image file to a 3×size×size uint8 tensor, whatever its real format or colour mode.
 
     PIL rather than torchvision.io: torchvision's decoders are deprecated since 0.29, and PIL's `draft` lets
     libjpeg decode a JPEG directly at 1/2, 1/4 or 1/8 scale, which makes small images several times cheaper.
-    PIL also reads the PNG and GIF files named .jpg and the grayscale and CMYK JPEGs of the real archive.
+    PIL also reads the PNG and GIF files named .jpg and the grayscale and CMYK JPEGs of the real archive. An image
+    over Pillow's pixel limit is refused (TooLarge), not decoded.
     """
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image.draft("RGB", (size, size))  # only JPEGs use it; it never goes below the requested size
         rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
@@ -109,12 +156,24 @@ def model_input(path: Path, size: int) -> torch.Tensor:
 
 
 def is_decodable(path: Path, size: int) -> bool:
-    """Whether the whole file decodes (a header check would miss truncated JPEGs)."""
+    """Whether the whole file decodes (a header check would miss truncated JPEGs); False for one over Pillow's
+    pixel limit, which is not decoded at all."""
     try:
         load_image(path, size)
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError):  # TooLarge is a ValueError
         return False
     return True
+
+
+def too_large(path: Path) -> str | None:
+    """The sentence refusing a file over Pillow's pixel limit (read from its header); None for any other file."""
+    try:
+        open_image(path).close()
+    except TooLarge as error:
+        return str(error)
+    except (OSError, ValueError, SyntaxError):  # gone, or not an image: it is excluded for that
+        pass
+    return None
 
 
 CHECKS_FILE = ".image_checks.json"  # in the dataset folder: which files decoded, by file size and modification time
@@ -164,9 +223,11 @@ def drop_undecodable(paths: list[Path], labels: np.ndarray, size: int) -> tuple[
     ok = [key is not None and known[key] is True for key in keys]  # a file that is gone is excluded too
     if todo and store is not None:
         save_checks(store, known)
-    bad = [p.name for p, good in zip(paths, ok, strict=True) if not good]
+    bad = [p for p, good in zip(paths, ok, strict=True) if not good]
     if bad:
-        print(f"Excluded {len(bad)} undecodable file(s): {', '.join(bad)}")
+        print(f"Excluded {len(bad)} undecodable file(s): {', '.join(p.name for p in bad)}")
+        for sentence in filter(None, map(too_large, bad)):  # header reads only: why a large one was not decoded
+            print(f"  {sentence}")
     keep = np.flatnonzero(ok)
     return [paths[i] for i in keep], labels[keep]
 

@@ -8,6 +8,7 @@ run itself.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -50,6 +51,22 @@ def find_run(client: mlflow.MlflowClient, run_id: str | None, experiment: str) -
         run = client.get_run(run_id)
     except MlflowException:
         raise SystemExit(f"No run with id {run_id} in {mlflow.get_tracking_uri()}: check --run-id.") from None
+    name = client.get_experiment(run.info.experiment_id).name
+    if name != experiment:  # e.g. a step-4 run given to step 5: its record lacks what this step reads
+        raise SystemExit(
+            f"Run {run_id} is not a {experiment} run (its experiment is {name}): give the id of a root run of "
+            f"{experiment}/train.py."
+        )
+    level = run.data.tags.get("run_level", "root")
+    if level != "root":  # a fold, trial, refit or phase run: one part of a root run, which holds the whole result
+        root = run
+        with contextlib.suppress(MlflowException):  # a parent deleted for good: the topmost run left is named
+            while "mlflow.parentRunId" in root.data.tags:
+                root = client.get_run(root.data.tags["mlflow.parentRunId"])
+        raise SystemExit(
+            f"Run {run_id} is a {level} run, one part of root run {root.info.run_id}: give the root run's id (the "
+            "top run in the UI)."
+        )
     if run.info.status != "FINISHED" or run.data.tags.get("run_complete") != "true":
         raise SystemExit(f"Run {run_id} is {run.info.status} and did not complete: it has no predictions to analyse.")
     return run

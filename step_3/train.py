@@ -202,10 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_artifact(str(split_file), "splits")
 
     experiment_id = runs.use_experiment(EXPERIMENT)
-    with resume.root_run(experiment_id, key, f"{settings.backbone}-seed{args.seed}", record) as root:
+    with resume.root_run(experiment_id, key, f"{settings.backbone}-seed{args.seed}", record, folds) as root:
         for fold in resume.pending(experiment_id, key, folds):  # a rerun skips the completed folds
             run_fold(fold, splits, settings, args, device, key)
-        mlflow.set_tag("run_complete", "true")  # every fold this command asked for is complete
 
     print(f"{len(folds)} fold(s) complete in {time.perf_counter() - started:.0f} s")
     runs.print_where(experiment_id, root.info.run_id)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import mlflow
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
 import runs
@@ -117,6 +118,53 @@ def completed_folds(experiment_id: str, key: str) -> set[tuple[int, int]]:
     return {(int(r.data.tags["root_split_id"]), int(r.data.tags["nested_split_id"])) for r in folds}
 
 
+def asked_folds(tags: dict[str, str]) -> set[tuple[int, int]]:
+    """The folds that the commands which opened a root run asked of it (its tags fold_asked.R.N)."""
+    return {(int(key.split(".")[1]), int(key.split(".")[2])) for key in tags if key.startswith("fold_asked.")}
+
+
+def held_folds(client: mlflow.MlflowClient, root: mlflow.entities.Run) -> set[tuple[int, int]]:
+    """The folds that have a completed fold run under this root run (with its run key)."""
+    query = (
+        f"tags.run_level = 'fold' AND tags.run_key = '{root.data.tags['run_key']}' AND tags.fold_complete = 'true' "
+        f"AND tags.mlflow.parentRunId = '{root.info.run_id}'"
+    )
+    found = client.search_runs([root.info.experiment_id], query, max_results=10000)
+    return {(int(r.data.tags["root_split_id"]), int(r.data.tags["nested_split_id"])) for r in found}
+
+
+def ask(client: mlflow.MlflowClient, root_id: str, folds: list[tuple[int, int]]) -> None:
+    """Add to the root run's record the folds this command asks for; a root that was complete is not, until the
+    new ones are."""
+    tags = client.get_run(root_id).data.tags
+    new = sorted(set(folds) - asked_folds(tags))
+    for start in range(0, len(new), 100):  # MLflow takes at most 100 tags in one batch
+        batch = [RunTag(f"fold_asked.{root}.{nested}", "true") for root, nested in new[start : start + 100]]
+        client.log_batch(root_id, tags=batch)
+    if new and tags.get("run_complete") == "true":
+        client.delete_tag(root_id, "run_complete")
+
+
+def complete_if_done(client: mlflow.MlflowClient, experiment_id: str, root_id: str, key: str) -> None:
+    """Tag the root run `run_complete` if every fold asked of it has a completed fold run under it: checked here,
+    never assumed. Folds still missing (another process runs them, or a command stopped) are named instead."""
+
+    def missing() -> list[tuple[int, int]]:
+        root = client.get_run(root_id)
+        return sorted(asked_folds(root.data.tags) - held_folds(client, root))
+
+    if not missing():
+        client.set_tag(root_id, "run_complete", "true")
+        if not missing():  # no other command asked for more folds in the meantime
+            return
+        client.delete_tag(root_id, "run_complete")
+    names = ", ".join(f"{root}/{nested}" for root, nested in missing())
+    print(
+        f"Root run {root_id} is not complete: its fold(s) {names} have not completed (another process is running "
+        "them, or the command that asked for them stopped); the command that completes the last one tags it complete."
+    )
+
+
 def find_root_run(client: mlflow.MlflowClient, experiment_id: str, key: str) -> str | None:
     """The id of the latest root run with this run key whose record is complete, if any."""
     runs = client.search_runs(
@@ -133,13 +181,20 @@ STOPPED = "The same command resumes, skipping the completed folds and keeping th
 
 @contextmanager
 def root_run(
-    experiment_id: str, key: str, run_name: str, record: Callable[[], None], first: Callable[[], bool]
+    experiment_id: str,
+    key: str,
+    run_name: str,
+    record: Callable[[], None],
+    first: Callable[[], bool],
+    folds: list[tuple[int, int]],
 ) -> Iterator[mlflow.ActiveRun]:
     """The root run with this run key, reopened, or started when there is none, and then recorded by `record()`.
 
     A root's record (params, provenance, split file) is written once, when the run is new; its last tag says it
-    is whole. Workers that start at the same moment would each find no root run and start one: only the one for
-    which `first()` is true (an atomic claim in the Optuna storage) starts it, and the others wait for it to
+    is whole. Every command that opens it adds the folds it asks for (tags `fold_asked.R.N`), so the record names
+    every fold the root holds, and the root is tagged `run_complete` once each of them has completed
+    (`complete_if_done`). Workers that start at the same moment would each find no root run and start one: only the
+    one for which `first()` is true (an atomic claim in the Optuna storage) starts it, and the others wait for it to
     appear. Runs left RUNNING by a dead process are marked KILLED first. Signals end the root run KILLED.
     """
     client = mlflow.MlflowClient()
@@ -152,7 +207,9 @@ def root_run(
         if root_id is None:
             record()  # a param cannot change later: what defines the root is logged once
             mlflow.set_tag("root_record", "complete")  # the last: a root is reopened only with its whole record
+        ask(client, root.info.run_id, folds)  # the root's record grows by the folds this command asks for
         yield root
+    complete_if_done(client, experiment_id, root.info.run_id, key)  # every fold asked of it, checked
 
 
 def pending(experiment_id: str, key: str, folds: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:

@@ -243,7 +243,7 @@ def run_fold(
         study = studies.open_study(args.storage, study_name, pruner)
         mlflow.set_tag("optuna_study", study_name)
         best = search(study, fold, splits["files"], splits["labels"], parts, settings, space, args, device)
-        refit_claim = studies.claim_refit(study)  # several workers: exactly one of them refits the fold
+        refit_claim = studies.claim_refit(study, key)  # several workers: exactly one of them refits the fold
         if refit_claim is None:
             print(f"fold {fold[0]}/{fold[1]}: search complete, refitted by another process")
             return None
@@ -259,7 +259,7 @@ def run_fold(
         # The refit trains exactly as the best trial did, so it must reach exactly the same dev ROC AUC.
         studies.check_refit(fold, best, results["dev_roc_auc"], refit.info.run_id)
         mlflow.set_tag("fold_complete", "true")  # the last action: FINISHED alone does not prove completion
-        studies.refit_done(study, refit_claim, results["dev_roc_auc"])
+        studies.refit_done(study, key, refit_claim, results["dev_roc_auc"])
     print(
         f"fold {fold[0]}/{fold[1]} complete: trial {best.number} chosen ({studies.brief(best.params)}); "
         f"refit dev ROC AUC {results['dev_roc_auc']:.3f}, test ROC AUC {results['test_roc_auc']:.3f}"
@@ -329,11 +329,10 @@ def main(argv: list[str] | None = None) -> None:
 
     experiment_id = runs.use_experiment(EXPERIMENT)
     first = studies.claimer(args.storage, f"{EXPERIMENT}-root-{key}")  # of workers started together, one starts it
-    with resume.root_run(experiment_id, key, f"{settings.backbone}-seed{args.seed}", record, first) as root:
+    with resume.root_run(experiment_id, key, f"{settings.backbone}-seed{args.seed}", record, first, folds) as root:
         for fold in resume.pending(experiment_id, key, folds):  # a rerun skips the completed folds
             name = f"{EXPERIMENT}-split-{splits['digest'][:8]}-fold-{fold[0]}-{fold[1]}-{search_key[:8]}"
             run_fold(fold, splits, settings, space, args, device, key, name)
-        mlflow.set_tag("run_complete", "true")  # every fold this command asked for is complete
 
     print(f"{len(folds)} fold(s) complete in {time.perf_counter() - started:.0f} s")
     runs.print_where(experiment_id, root.info.run_id)

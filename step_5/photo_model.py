@@ -6,7 +6,8 @@ Input: a column `image` of image files' bytes (over HTTP: base64 strings). Outpu
 sigmoid) and `label` ("cat" when p_cat >= the threshold fitted on the fold's dev set, else "dog"). Images are
 decoded as in training (pets.load_image), scaled and normalised with the values the run logged, and predicted in
 batches of the run's batch size on the run's thread count and CPU code paths: the same batches give the same bits
-as the run's own prediction tables.
+as the run's own prediction tables. An image over Pillow's pixel limit (a decompression bomb) is refused in one
+sentence, before it is decoded (over HTTP: status 400).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from torchvision.transforms import v2
 
-from pets import load_image
+from pets import TooLarge, load_image
 
 # A record from before the code paths were recorded: MKL in its reproducible mode on the CPU's own paths
 NATIVE_CODE_PATHS = {"MKL_CBWR": "AUTO", "MKL_DYNAMIC": "FALSE"}
@@ -57,7 +59,10 @@ class PetPhotos(mlflow.pyfunc.PythonModel):
     def images(self, files: list[bytes]) -> torch.Tensor:
         """The model's input for image files' bytes: decoded at the run's size, scaled, normalised."""
         size, divide_by, mean, std = (self.config[key] for key in ("image_size", "divide_by", "mean", "std"))
-        decoded = [load_image(io.BytesIO(file), size).float() / divide_by for file in files]
+        try:
+            decoded = [load_image(io.BytesIO(file), size).float() / divide_by for file in files]
+        except TooLarge as error:  # refused before decoding: over HTTP a 400 that says why, not a server out of memory
+            raise MlflowException.invalid_parameter_value(str(error)) from None
         return torch.stack([v2.functional.normalize(image, mean, std) for image in decoded])
 
     @torch.no_grad()

@@ -17,10 +17,11 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+from PIL import UnidentifiedImageError  # noqa: E402
 
 import common  # noqa: E402
 import registry  # noqa: E402
+from pets import TooLarge, open_image  # noqa: E402
 
 
 def problem(path: Path) -> str | None:
@@ -30,8 +31,10 @@ def problem(path: Path) -> str | None:
     if not path.is_file():
         return f"{path} is not a file."
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:  # one over Pillow's pixel limit is refused here, as in training
             image.load()  # decodes to the end: a truncated file fails here, not halfway through a batch
+    except TooLarge as error:
+        return str(error)
     except UnidentifiedImageError:
         return f"{path} is not an image (no image format recognises it)."
     except (OSError, ValueError, SyntaxError) as error:
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     if problems := [text for text in map(problem, args.images) if text]:
         raise SystemExit("\n".join(problems))  # nothing predicted: every bad file named, one sentence each
     device = common.pick_device(args)
+    if args.model.startswith(("models:/", "runs:/")):  # a folder without runs: no empty mlflow.db left behind
+        registry.require_store()
     predict, config, where = registry.load(mlflow.MlflowClient(), args.model, device)
     if config["dataset_synthetic"]:
         bar = "!" * 100

@@ -25,6 +25,7 @@ import mlflow  # noqa: E402
 import common  # noqa: E402
 import registry  # noqa: E402
 from fold_runs import find_run, fold_table, gather_folds, model_run_id  # noqa: E402
+from resume import asked_folds  # noqa: E402
 
 EXPERIMENT = "step_5"
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fold", type=fold_id, help="ROOT/NESTED, e.g. 0/1 (default: the best test ROC AUC)")
     args = parser.parse_args(argv)
 
+    registry.require_store()  # a folder without runs: one sentence, and no empty mlflow.db left behind
     client = mlflow.MlflowClient()  # MLflow's default store (./mlflow.db), or MLFLOW_TRACKING_URI
     root = find_run(client, args.run_id, EXPERIMENT)
     folds, _ = gather_folds(client, root, EXPERIMENT)
@@ -54,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     if fold not in folds:
         raise SystemExit(
             f"--fold {fold[0]}/{fold[1]}: root run {root.info.run_id} has no completed fold {fold[0]}/{fold[1]}."
+        )
+    if fold not in asked_folds(root.data.tags):  # a fold run the root's record does not name: lineage unknown
+        raise SystemExit(
+            f"Root run {root.info.run_id}'s record does not name fold {fold[0]}/{fold[1]} among the folds asked of it "
+            "(tags fold_asked.R.N; a run made before they were recorded names none): its lineage is not on record, "
+            "so it is not registered; train it again to register it."
         )
     chosen = (table["root_split"] == fold[0]) & (table["nested_split"] == fold[1])
     table["chosen"] = chosen.map({True: "  <-", False: ""})

@@ -11,8 +11,11 @@ which data, which code made this version?" is answered by the version's tags and
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version as installed
 from pathlib import Path
 
@@ -26,7 +29,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 import runs
-from provenance import recorded_code_paths
+from provenance import code_digest, recorded_code_paths
+from resume import owner_alive, owner_tags
 
 HERE = Path(__file__).resolve().parent
 NAME = "pets-cat-vs-dog"  # the registered model
@@ -40,9 +44,27 @@ SIGNATURE = ModelSignature(  # explicit: image files' bytes in (base64 over HTTP
 PACKAGES = ("mlflow", "torch", "torchvision", "pillow", "numpy", "pandas")
 
 
+def require_store() -> None:
+    """Stop in one sentence when the tracking store is a sqlite file that does not exist (MLflow's default, here):
+    it holds no run or model, and the first MlflowClient would leave an empty mlflow.db behind."""
+    uri = mlflow.get_tracking_uri()
+    path = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+    if uri.startswith("sqlite:///") and not path.is_file():
+        raise SystemExit(
+            f"No MLflow store at {path}, so no step-5 run or model here: run python step_5/train.py (and "
+            "register.py) in this directory first, or set MLFLOW_TRACKING_URI to the store that holds them."
+        )
+
+
 def runs_of_refit(client: mlflow.MlflowClient, refit_id: str) -> tuple[Run, Run, Run]:
     """The refit run, its fold run and its root run; one sentence when the run is not a step-5 refit run."""
     refit = client.get_run(refit_id)
+    experiment = client.get_experiment(refit.info.experiment_id).name
+    if experiment != "step_5":  # e.g. a step-4 refit run: its record has no preprocessing to apply to a photo
+        raise SystemExit(
+            f"Run {refit_id} is not a step_5 run (its experiment is {experiment}): only step 5 records what turns a "
+            "photo into its model's input; give the model of a step-5 refit run."
+        )
     if refit.data.tags.get("run_level") != "refit":
         raise SystemExit(f"Run {refit_id} is not a step-5 refit run: give the model of a fold's refit run.")
     fold = client.get_run(refit.data.tags["mlflow.parentRunId"])
@@ -105,48 +127,94 @@ def describe(tags: dict[str, str]) -> str:
     )
 
 
-def register(client: mlflow.MlflowClient, refit_id: str, example: str) -> tuple[object, bool]:
-    """Register the refit run's model (once: a second call finds the first version); point the alias at it.
+def check_code(root: Run) -> None:
+    """The model's code (photo_model.py, pets.py) is copied from this checkout: refuse unless this checkout's code
+    is the code the run recorded, so that the version carries the code its lineage names."""
+    if code_digest(HERE) != root.data.tags.get("code_digest"):
+        commit = root.data.tags.get("git_commit", "unknown")
+        raise SystemExit(
+            f"Root run {root.info.run_id} ran code digest {root.data.tags.get('code_digest', 'unknown')[:12]}… (git "
+            f"commit {commit[:12]}), but {HERE.name}/ here has {code_digest(HERE)[:12]}…: the registered model would "
+            f"carry this checkout's photo_model.py and pets.py, not the run's. Register from the run's code (git "
+            f"checkout {commit[:12]}, with its uncommitted changes if it had any), or train again with this code."
+        )
 
-    Returns the model version and whether it is new. `example`: the file name of one of the fold's test images,
-    logged as the input example."""
-    found = client.search_model_versions(f"name = '{NAME}' and run_id = '{refit_id}'")
-    if found:
-        version, new = found[0], False
-    else:
-        runs = runs_of_refit(client, refit_id)  # the refit, fold and root runs, read once
-        config, tags, root = photo_config(*runs), lineage(*runs), runs[2]
-        image = Path(root.data.params["data.data_dir"]) / "oxford-iiit-pet" / "images" / example
-        if not image.is_file():
-            raise SystemExit(f"{image} is missing: register where train.py ran (one test image is the input example).")
-        with tempfile.TemporaryDirectory() as tmp:
-            mlflow.pyfunc.save_model(
-                Path(tmp) / "model",
-                python_model=str(HERE / "photo_model.py"),  # a model from code: no pickle
-                code_paths=[str(HERE / "pets.py")],  # decodes as the training did
-                artifacts={"refit_model": f"runs:/{refit_id}/model"},  # the refit's model, copied unchanged
-                model_config={**config, "device": "cpu"},  # predict.py may load it onto another device
-                signature=SIGNATURE,
-                input_example=pd.DataFrame({"image": [image.read_bytes()]}),
-                pip_requirements=[f"{name}=={installed(name)}" for name in PACKAGES],
-            )
-            client.log_artifacts(refit_id, str(Path(tmp) / "model"), "registered_model")  # the run stays FINISHED
+
+@contextmanager
+def claimed(client: mlflow.MlflowClient, refit_id: str) -> Iterator[bool]:
+    """Whether this process may register the refit run's model: of registrations started together, one claims it.
+
+    Creating an MLflow experiment of a given name is atomic in every tracking store, so the claim is an experiment
+    named after the refit run (deleted at once, so the UI does not list it; the name stays taken). It carries its
+    owner's host and pid: the claim of a process that stopped before its version existed is given up, and the next
+    claim of the same run takes a new number. The others wait for the claimant's version."""
+    waiting = False
+    for attempt in itertools.count():
+        name = f"claim-register-{refit_id}-{attempt}"
         try:
-            client.create_registered_model(NAME, description="Cat (1) or dog (0) from a photo: step 5's refit models")
+            claim = client.create_experiment(name, tags=owner_tags())
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        source = f"{runs[0].info.artifact_uri}/registered_model"
-        version = client.create_model_version(
-            NAME,
-            source,
-            run_id=refit_id,
-            tags=tags,
-            description=describe(tags),
-        )
-        new = True
+        else:
+            client.delete_experiment(claim)
+            yield True
+            return
+        while owner_alive(client.get_experiment_by_name(name).tags):
+            if client.search_model_versions(f"name = '{NAME}' and run_id = '{refit_id}'"):
+                yield False
+                return
+            if not waiting:
+                print(f"Another process is registering refit run {refit_id}: waiting for its version")
+                waiting = True
+            runs.pause(0.5)  # a stop signal ends the wait at once
+    raise AssertionError("unreachable")
+
+
+def register(client: mlflow.MlflowClient, refit_id: str, example: str) -> tuple[object, bool]:
+    """Register the refit run's model (once, even when several processes register it at the same moment: a second
+    call finds the first version); point the alias at it.
+
+    Returns the model version and whether it is new. `example`: the file name of one of the fold's test images,
+    logged as the input example."""
+    with claimed(client, refit_id) as mine:
+        found = client.search_model_versions(f"name = '{NAME}' and run_id = '{refit_id}'")
+        if found or not mine:
+            version, new = found[0], False
+        else:
+            version, new = create_version(client, refit_id, example), True
     client.set_registered_model_alias(NAME, ALIAS, version.version)
     return version, new
+
+
+def create_version(client: mlflow.MlflowClient, refit_id: str, example: str) -> object:
+    """The refit run's model saved with its code and config onto the refit run, and registered as a new version."""
+    refit_runs = runs_of_refit(client, refit_id)  # the refit, fold and root runs, read once
+    root = refit_runs[2]
+    check_code(root)
+    config, tags = photo_config(*refit_runs), lineage(*refit_runs)
+    image = Path(root.data.params["data.data_dir"]) / "oxford-iiit-pet" / "images" / example
+    if not image.is_file():
+        raise SystemExit(f"{image} is missing: register where train.py ran (one test image is the input example).")
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(
+            Path(tmp) / "model",
+            python_model=str(HERE / "photo_model.py"),  # a model from code: no pickle
+            code_paths=[str(HERE / "pets.py")],  # decodes as the training did
+            artifacts={"refit_model": f"runs:/{refit_id}/model"},  # the refit's model, copied unchanged
+            model_config={**config, "device": "cpu"},  # predict.py may load it onto another device
+            signature=SIGNATURE,
+            input_example=pd.DataFrame({"image": [image.read_bytes()]}),
+            pip_requirements=[f"{name}=={installed(name)}" for name in PACKAGES],
+        )
+        client.log_artifacts(refit_id, str(Path(tmp) / "model"), "registered_model")  # the run stays FINISHED
+    try:
+        client.create_registered_model(NAME, description="Cat (1) or dog (0) from a photo: step 5's refit models")
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{refit_runs[0].info.artifact_uri}/registered_model"
+    return client.create_model_version(NAME, source, run_id=refit_id, tags=tags, description=describe(tags))
 
 
 def where_to_view(version: str) -> str:
@@ -186,5 +254,8 @@ def load(client: mlflow.MlflowClient, uri: str, device: torch.device) -> tuple[o
         name, at, alias = uri.removeprefix("models:/").partition("@")
         name, _, number = name.partition("/")
         number = client.get_model_version_by_alias(name, alias).version if at else number
+        if not at and number.lower() == "latest":  # what MLflow loaded for it: the highest version number
+            newest = client.search_model_versions(f"name = '{name}'", 1, ["version_number DESC"])
+            number = newest[0].version if newest else number
         where = f"{name} version {number}, made from {where}"
     return predict, config, where

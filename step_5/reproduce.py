@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small files: no bars
 
 from provenance import code_digest, git_state, installed_distributions, software_and_hardware
-from resume import completed_folds
+from resume import completed_folds, held_folds
 from settings import Config, apply_overrides, from_json, load
 
 FOLD_METRICS = ("dev_roc_auc", "test_roc_auc", "threshold")  # all must be equal for "identical"
@@ -56,6 +56,7 @@ class Original:
     deterministic: bool
     num_threads: int
     portable: bool  # the CPU code paths every x86-64 CPU has (a record without it ran the native ones)
+    folds: list[tuple[int, int]]  # every fold it holds: what a rerun reruns (unless --set cv.… picks some)
     fresh: bool = False  # --fresh-rerun: rerun even if this rerun was made before
 
 
@@ -116,6 +117,7 @@ def fetch(run_id: str, experiment: str) -> Original:
         params["deterministic"] == "True",
         int(tags["env.torch_threads"]),
         params.get("portable") == "True",
+        sorted(held_folds(client, run)),
     )
 
 
@@ -266,6 +268,9 @@ def judge(
     }
     if len(before) < 2 and overall != "identical":
         result["note"] = "the original has one fold: there is no spread between folds to judge noise by"
+    if folds and len(folds) < len(before):  # --set cv.… picked some: the verdict is theirs alone
+        unchecked = ", ".join(f"{r}/{n}" for r, n in sorted(before) if f"{r}/{n}" not in folds)
+        result["note"] = f"only {len(folds)} of the original's {len(before)} folds were rerun; not checked: {unchecked}"
     if overall not in ("identical", "no common fold"):
         result["cause"] = cause_of(differences, overrides)
     changed = f" with --set {' '.join(overrides)}" if overrides else ""
@@ -317,6 +322,14 @@ def load_experiment(
         if getattr(args, name) is None:
             setattr(args, name, recorded.get(name, default))
     return config, files, original
+
+
+def folds_to_run(original: Original | None, overrides: list[str], folds: list[tuple[int, int]]) -> list:
+    """The folds to run: a rerun reruns every fold the original holds (however many commands added them), unless
+    --set cv.… picks folds; a new experiment runs the folds its config picks."""
+    if original is None or any(assignment.strip().startswith("cv.") for assignment in overrides):
+        return folds
+    return original.folds
 
 
 def rerun_of(original: Original | None, device: torch.device) -> tuple | None:

@@ -77,7 +77,7 @@ def plot_chosen(chosen: pd.DataFrame, space: dict) -> plt.Figure:
             y = group["nested_split"] * 0.15  # the nested repeats of one outer fold one above the other
             ax.scatter(group[name], y, color=plt.cm.tab10(root_split % 10), s=30, label=f"outer fold {root_split}")
         values, choices = spec["values"], spec["choices"]  # a list of choices, e.g. the head's width
-        if choices or spec["log"]:
+        if (choices or spec["log"]) and min(values) > 0:  # a log axis cannot show 0 (a dropout choice of 0.0)
             ax.set_xscale("log", base=2 if choices else 10)
             low, high = values[0], values[-1]
             decades = [10.0**k for k in range(math.ceil(math.log10(low)), math.floor(math.log10(high)) + 1)]
@@ -85,8 +85,8 @@ def plot_chosen(chosen: pd.DataFrame, space: dict) -> plt.Figure:
             ax.set_xticks(ticks, [f"{tick:g}" for tick in ticks])
             ax.minorticks_off()
             ax.set_xlim(low / 1.2, high * 1.2)
-        else:
-            ax.set_xlim(values[0], values[-1])
+        elif min(values) < max(values):
+            ax.set_xlim(min(values), max(values))
         ax.set_yticks([])
         ax.set_ylim(-0.3, 0.15 * chosen["nested_split"].max() + 0.3)
         ax.set_ylabel(name, rotation=0, ha="right", va="center")

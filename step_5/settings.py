@@ -4,15 +4,18 @@ A configuration (`Config`) has five sections: data, model, training, cross-valid
 model or training section may hold a hyper-parameter instead of a value (`Categorical`, `Float`, `Int`: Optuna's
 `suggest_*` calls, declared where the value would go); `resolve` replaces each by the value a trial draws, in the
 order they are declared, and leaves fixed values alone. Everything is checked when it is loaded, before any run
-exists: a wrong key, a value of the wrong type or outside what train.py can use (ALLOWED), a hyper-parameter that
-could draw such a value, an empty or inverted range, a duplicated hyper-parameter name, or a sampler or pruner that
-cannot be built is one sentence naming the file (or the --set), the key, the value and what is allowed.
+exists: a wrong key, a value of the wrong type or outside what train.py can use (ALLOWED), an infinite or NaN
+number, a hyper-parameter that could draw such a value, an empty or inverted range, a hyper-parameter name that is
+duplicated, that the fold runs already log (RESERVED_NAMES) or that MLflow refuses as a param key, a sampler or pruner
+that cannot be built, or a sampler that cannot draw the config's hyper-parameters is one sentence naming the file (or
+the --set), the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import runpy
 import sys
@@ -29,6 +32,7 @@ from typing import Any
 import mlflow
 import optuna
 import torchvision
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique, validate_param_and_metric_name
 
 from pets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -49,6 +53,9 @@ class Categorical:
 
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
         return trial.suggest_categorical(name, list(self.choices))
+
+    def __str__(self) -> str:  # where a value would be shown (a run's name): "resnet18|resnet34"
+        return "|".join(str(choice) for choice in self.choices)
 
     def problem(self) -> str | None:
         return None if len(self.choices) > 0 else "at least one choice"
@@ -177,7 +184,11 @@ class Bounds:
     why: str = ""  # said with a refusal, where the bound is not obvious
 
     def allows(self, value: float) -> bool:
-        return (value > self.low if self.above else value >= self.low) and (self.below is None or value < self.below)
+        return (
+            finite(value)
+            and (value > self.low if self.above else value >= self.low)
+            and (self.below is None or value < self.below)
+        )
 
     def __str__(self) -> str:
         words = f"{'above' if self.above else 'at least'} {self.low}"
@@ -241,6 +252,9 @@ ALLOWED: dict[str, Bounds | Names] = {
     "cv.nested_split": Bounds(0),
     "search.n_trials": Bounds(1),
 }
+# Names a hyper-parameter cannot have: train.py's run_fold logs these params on each fold run, then the chosen
+# hyper-parameters on the same run under their own names, and MLflow refuses to change a param's value.
+RESERVED_NAMES = ("seed", "num_threads", "num_workers", "n_train", "n_dev", "n_test")
 # Where a hyper-parameter may stand: what a trial builds and trains. The data settings are used before any trial
 # (the image check, each fold's parts), and the folds and the search itself are what the trials run in.
 SEARCHED_SECTIONS = ("model", "training")
@@ -348,6 +362,16 @@ def fail(source: str, key: str, expected: str, got: Any) -> typing.NoReturn:
     raise SystemExit(f"{source}: {key} should be {expected}, not {got!r}.")
 
 
+def finite(value: Any) -> bool:
+    """Whether a number is neither infinite nor NaN (1e999 parses to inf); an int always is."""
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def allowed(key: str, value: Any) -> str:
+    """What ALLOWED says of a setting, in words; for an infinite or NaN value, that it must be a finite number."""
+    return str(ALLOWED[key]) if finite(value) else f"a finite number {ALLOWED[key]}"
+
+
 def matches(value: Any, hint: Any) -> bool:
     """Whether value fits the type annotation (int | None, float, str, dict, ...); an int fits float."""
     if isinstance(hint, types.UnionType):
@@ -390,7 +414,7 @@ def check(config: Any, source: str) -> None:
 
     resolve(config, unique)
     check_shares(config.data, source)
-    check_search(config.search, source)
+    check_search(config, source)
 
 
 def check_shares(data: Data, source: str) -> None:
@@ -399,7 +423,8 @@ def check_shares(data: Data, source: str) -> None:
     shares = data.shares
     numbers = all(isinstance(v, float | int) and not isinstance(v, bool) and v > 0 for v in shares.values())
     if set(shares) != {"train", "dev", "test"} or not numbers or sum(shares.values()) > 1 + 1e-9:
-        fail(source, "data.shares", "a share above 0 for each of train, dev and test, adding up to at most 1", shares)
+        expected = "a share above 0 for each of train, dev and test, finite numbers adding up to at most 1"
+        fail(source, "data.shares", expected, shares)
     if data.max_images is not None and any(round(data.max_images * share) < 2 for share in shares.values()):
         fail(source, "data.max_images", "large enough that every part gets 2 images at data.shares", data.max_images)
 
@@ -414,17 +439,28 @@ def check_setting(key: str, value: Any, hint: Any, source: str) -> None:
     elif not matches(value, hint):
         fail(source, key, type_name(hint), value)
     elif value is not None and key in ALLOWED and not ALLOWED[key].allows(value):
-        fail(source, key, str(ALLOWED[key]), value)
+        fail(source, key, allowed(key, value), value)
 
 
 def check_hyperparameter(hp: Hyperparameter, hint: Any, source: str, key: str) -> None:
-    """A hyper-parameter fits its setting: its own fields of their types (whole numbers for an Int), Float for a
-    float, Int for an int, choices of the setting's type; a range that is not empty; every value it can draw in the
-    setting's ALLOWED range (both ends of a range, each choice)."""
+    """A hyper-parameter fits its setting: its own fields of their types (whole numbers for an Int, finite numbers),
+    a name that MLflow can log on a fold run, Float for a float, Int for an int, choices of the setting's type; a range
+    that is not empty; every value it can draw in the setting's ALLOWED range (both ends of a range, each choice)."""
     kind = type(hp).__name__
     for name, field_hint in hints_of(type(hp)).items():  # before any comparison: Int("a", 3) is one sentence too
-        if not matches(getattr(hp, name), field_hint):
-            fail(source, f"{key} = {kind}(...) {name}", type_name(field_hint), getattr(hp, name))
+        value = getattr(hp, name)
+        if not matches(value, field_hint):
+            fail(source, f"{key} = {kind}(...) {name}", type_name(field_hint), value)
+        if not finite(value):  # Float(0, nan) would read as an empty range, a step of inf as a range of one value
+            fail(source, f"{key} = {kind}(...) {name}", "a finite number", value)
+    param = param_name(key, hp)  # logged as a param of the trial, refit and fold runs
+    if param in RESERVED_NAMES:
+        reserved = f"a name other than {', '.join(RESERVED_NAMES)} (each fold run logs these params itself)"
+        fail(source, f"{key} = {kind}(...) name", reserved, param)
+    # MLflow's own checks of a param key (mlflow.utils.validation), which log_params would fail in a trial run
+    if len(param) > MAX_ENTITY_KEY_LENGTH or not validate_param_and_metric_name(param) or path_not_unique(param):
+        accepted = f"at most {MAX_ENTITY_KEY_LENGTH} letters, digits, spaces, _ - . or /, and no path such as a/../b"
+        fail(source, f"{key} = {kind}(...) name", f"a name MLflow accepts as a param key ({accepted})", param)
     if isinstance(hp, Categorical):
         wrong = [choice for choice in hp.choices if not matches(choice, hint)]
         if wrong:
@@ -441,12 +477,14 @@ def check_hyperparameter(hp: Hyperparameter, hint: Any, source: str, key: str) -
             drawn = [(f"{key} = {kind}(...) low", hp.low), (f"{key} = {kind}(...) high", hp.high)]
         for label, value in drawn:
             if not ALLOWED[key].allows(value):
-                fail(source, label, str(ALLOWED[key]), value)
+                fail(source, label, allowed(key, value), value)
 
 
-def check_search(search: Search, source: str) -> None:
+def check_search(config: Config, source: str) -> None:
     """A sampler and a pruner that Optuna has, each built once here as the search builds them: the sampler from a
-    seed alone (make_sampler), the pruner with its options (make_pruner)."""
+    seed alone (make_sampler), the pruner with its options (make_pruner); then the sampler draws the config's
+    hyper-parameters once, in a scratch study in memory, as the first trial of a search would."""
+    search = config.search
     for key, module, base in (("search.sampler", optuna.samplers, optuna.samplers.BaseSampler),
                               ("search.pruner", optuna.pruners, optuna.pruners.BasePruner)):  # fmt: skip
         name = getattr(search, key.split(".")[1])
@@ -467,6 +505,23 @@ def check_search(search: Search, source: str) -> None:
             make_pruner(search)
         except (TypeError, ValueError) as error:
             raise SystemExit(f"{source}: search.pruner_options do not suit {search.pruner}: {error}.") from None
+        # A sampler may refuse a kind of hyper-parameter only when it draws one (BruteForceSampler a Float without a
+        # step), or need a package only when it first learns from a finished trial (CmaEsSampler needs cmaes from its
+        # second trial on): a trial of every fold would fail, after the root and fold runs exist
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # no "A new study created in memory" for a scratch study
+        try:
+            study = optuna.create_study(storage=None, sampler=make_sampler(search, seed=0))
+            for _ in range(2):
+                trial = study.ask()
+                resolve(config, drawn_by(trial))
+                study.tell(trial, 0.0)
+        except (TypeError, ValueError, ImportError, NotImplementedError, RuntimeError) as error:
+            reason = " ".join(str(error).split()).rstrip(".")  # Optuna's reason, on one line
+            fail(source, "search.sampler", f"a sampler that can draw this config's hyper-parameters ({reason})",
+                 search.sampler)  # fmt: skip
+        finally:
+            optuna.logging.set_verbosity(verbosity)
 
 
 def make_pruner(search: Search) -> optuna.pruners.BasePruner:

@@ -160,7 +160,7 @@ def check_layout(splits: object, name: str) -> None:
                 raise SystemExit(f"{here}: {len(missing)} files are in no part (e.g. index {missing[0]}); {REMAKE}.")
 
 
-def check_stratified(splits: dict, labels: np.ndarray, name: str) -> None:
+def check_stratified(splits: dict, labels: np.ndarray, name: str, remedy: str = REMAKE) -> None:
     """Stop unless every part holds each class in proportion (within one image) and at least once in test and dev.
 
     The rule, for every class c: a test set T holds within 1 of |T|·n_c/n images of class c (n_c, n: counts over
@@ -186,7 +186,7 @@ def check_stratified(splits: dict, labels: np.ndarray, name: str) -> None:
                         raise SystemExit(
                             f"{name}: root split {root}, nested split {nested}: {part} holds {count} "
                             f"{CLASS_NAMES.get(int(c), c)} images where stratification needs {expected:.1f} "
-                            f"(within 1, and at least 1); {REMAKE}."
+                            f"(within 1, and at least 1); {remedy}."
                         )
 
 
@@ -198,15 +198,23 @@ def check_structure(splits: object, labels: np.ndarray, name: str) -> None:
     check_stratified(splits, np.asarray(labels), name)
 
 
-def load_splits(path: Path, folder: Path, labels: dict[str, int]) -> dict:
+def load_splits(path: Path, folder: Path, labels: dict[str, int], rerun: str | None = None) -> dict:
     """Read and validate a split file against the data in `folder`; index arrays per fold, ready to use.
 
-    `labels` maps every listed, decodable image (relative name, as in the file's `files`) to its label.
+    `labels` maps every listed, decodable image (relative name, as in the file's `files`) to its label. `rerun`: the
+    id of the run being reproduced, whose logged split file `path` is: data that does not match it is not that
+    run's data, and a new split file would reproduce nothing.
     """
-    name = str(path)
+    name, remedy = str(path), REMAKE
+    if rerun is not None:
+        name = f"Run {rerun}'s split file"
+        remedy = (
+            f"these are not the images run {rerun} used, and a run can only be reproduced on its own data: put them "
+            "back, or give their folder with --set data.data_dir=DIR"
+        )
     if not path.is_file():
         raise SystemExit(
-            f"No split file at {name}: make it with `python {Path(__file__).resolve().parent.name}/"
+            f"No split file at {path}: make it with `python {Path(__file__).resolve().parent.name}/"
             f"make_dataset_splits.py --data-dir {folder.parent}` (or name another split file)."
         )
     raw = path.read_bytes()
@@ -218,18 +226,18 @@ def load_splits(path: Path, folder: Path, labels: dict[str, int]) -> dict:
     files = splits["files"]
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise SystemExit(f"{name}: {len(missing)} listed file(s) are not in {folder} (e.g. {missing[0]}); {REMAKE}.")
+        raise SystemExit(f"{name}: {len(missing)} listed file(s) are not in {folder} (e.g. {missing[0]}); {remedy}.")
     unknown, unlisted = sorted(set(files) - set(labels)), sorted(set(labels) - set(files))
     if unknown or unlisted:
         example = f"{unknown[0]} is not among the dataset's decodable listed images" if unknown else ""
         example = example or f"{unlisted[0]} is listed in the annotations but not in the split file"
-        raise SystemExit(f"{name} was made from other data ({example}); {REMAKE}.")
+        raise SystemExit(f"{name} was made from other data ({example}); {remedy}.")
     label_array = np.array([labels[f] for f in files])
-    check_stratified(splits, label_array, name)
+    check_stratified(splits, label_array, name, remedy)
     if dataset_digest(folder, [folder / f for f in files]) != splits["meta"]["dataset_digest"]:
         raise SystemExit(
             f"{name}: meta.dataset_digest does not match the images and annotations in {folder} (they changed "
-            f"since the file was made); {REMAKE}."
+            f"since the file was made); {remedy}."
         )
     return {
         "path": path,

@@ -20,7 +20,8 @@ storage URL (`postgresql://…`, `mysql://…`; `sqlite:///…` works for one pr
   Two processes that ask for the last slot at the same moment both get a trial number; the later one sees that
   its slot is past the end and gives its trial up as FAIL (tag `surplus`) before drawing anything. The workers
   that waited all reach the fold's refit at once: the refit is claimed the same way, as the one trial of the
-  study `claim-<fold's study>-refit`, so exactly one of them refits the fold (`claim_refit`).
+  study `claim-<fold's study>-refit-<root run key>`, so exactly one of them refits the fold for that root run
+  (`claim_refit`), and the others wait for it. More trials later make a new root run: its own refit, of its best.
 - Stop signals: every wait here (for other processes' trials, for a slot) waits with `runs.pause`, and each new
   trial starts with `runs.check_stop`, so Ctrl-C or SIGTERM ends a waiting worker at once; a trial asked for and
   not yet begun is told FAIL, never left RUNNING.
@@ -154,7 +155,10 @@ def open_storage(storage: str) -> BaseStorage:
         raise SystemExit(f"--storage {storage}: give a journal file in an existing folder, or a storage URL.")
     if path.exists():
         repair_torn_journal(path)
-    return JournalStorage(JournalFileBackend(str(path)))
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as error:  # a folder this user cannot write, or a system folder such as /proc
+        raise SystemExit(f"--storage {storage}: cannot create or open this journal file ({error.strerror}).") from None
 
 
 def add_storage_flag(parser: argparse.ArgumentParser) -> None:
@@ -276,11 +280,16 @@ def end_runs(trial: FrozenTrial) -> None:
         tag_run(trial, "FAIL")
 
 
-def claim_refit(study: optuna.Study) -> int | None:
-    """This worker's claim on the fold's refit (a trial number), or None: another worker has refitted the fold or
-    is refitting it. Only a claim whose fold run still runs in a live process counts; others are failed."""
+def claim_refit(study: optuna.Study, key: str) -> int | None:
+    """This worker's claim on the fold's refit for the root run of run key `key` (a trial number), or None once
+    another worker has refitted the fold for that root; while another live worker is refitting it, wait for it.
+
+    The claim is per root run key, not per study: a later root that extends the study with more trials refits
+    the fold with its own best trial. Only a claim whose fold run still runs in a live process counts; a claim of a
+    worker that stopped is failed, and the refit is claimed again here."""
     storage = study._storage  # noqa: SLF001 - the fold study's storage, already open
-    refits = optuna.create_study(study_name=f"claim-{study.study_name}-refit", storage=storage, load_if_exists=True)
+    name = f"claim-{study.study_name}-refit-{key}"
+    refits = optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
     client = mlflow.MlflowClient()
 
     def live(trial: FrozenTrial) -> bool:
@@ -294,18 +303,24 @@ def claim_refit(study: optuna.Study) -> int | None:
             return False
         return run.info.status == "RUNNING" and owner_alive(run.data.tags)
 
-    for trial in refits.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not live(trial):
-            fail(refits, trial, "(a refit) was left by a worker that stopped")
-    if any(live(t) for t in refits.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))):
-        return None
-    trial = refits.ask()
-    trial.set_user_attr("mlflow_fold_run_id", mlflow.active_run().info.run_id)
-    earlier = refits.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    if any(t.number < trial.number and live(t) for t in earlier):  # another worker claimed it a moment earlier
-        refits.tell(trial, state=TrialState.FAIL)
-        return None
-    return trial.number
+    waiting = False
+    while True:
+        for trial in refits.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if not live(trial):
+                fail(refits, trial, "(a refit) was left by a worker that stopped")
+        if refits.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            return None  # refitted, tested and complete in another worker's fold run of this root
+        if not any(live(t) for t in refits.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+            trial = refits.ask()
+            trial.set_user_attr("mlflow_fold_run_id", mlflow.active_run().info.run_id)
+            earlier = refits.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            if not any(t.number < trial.number and live(t) for t in earlier):
+                return trial.number
+            refits.tell(trial, state=TrialState.FAIL)  # another worker claimed it a moment earlier
+        if not waiting:
+            print(f"{study.study_name}: waiting for the refit running in another process")
+            waiting = True
+        runs.pause(WAIT_SECONDS)  # a stop signal ends the wait at once
 
 
 def check_refit(fold: tuple[int, int], best: FrozenTrial, dev_roc_auc: float, refit_run_id: str) -> None:
@@ -324,10 +339,10 @@ def check_refit(fold: tuple[int, int], best: FrozenTrial, dev_roc_auc: float, re
         )
 
 
-def refit_done(study: optuna.Study, number: int, dev_roc_auc: float) -> None:
+def refit_done(study: optuna.Study, key: str, number: int, dev_roc_auc: float) -> None:
     """Mark this worker's claim on the fold's refit complete (after the fold run's completion tag)."""
     storage = study._storage  # noqa: SLF001
-    optuna.load_study(study_name=f"claim-{study.study_name}-refit", storage=storage).tell(number, dev_roc_auc)
+    optuna.load_study(study_name=f"claim-{study.study_name}-refit-{key}", storage=storage).tell(number, dev_roc_auc)
 
 
 def run_trials(
@@ -413,5 +428,8 @@ def tag_run(trial: optuna.Trial, state: str) -> None:
 
 
 def brief(params: dict) -> str:
-    """Hyper-parameters in one short line, three significant digits each."""
-    return ", ".join(f"{name} {value:.3g}" for name, value in params.items())
+    """Hyper-parameters in one short line: a float to three significant digits, any other value (a whole number, a
+    name, a bool, None) as it is."""
+    return ", ".join(
+        f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}" for name, value in params.items()
+    )

@@ -159,7 +159,7 @@ def run_fold(
         study = studies.open_study(config.search.storage, study_name, settings.make_pruner(config.search))
         mlflow.set_tag("optuna_study", study_name)
         best = search(study, fold, splits["files"], splits["labels"], parts, config, args, device)
-        refit_claim = studies.claim_refit(study)  # several workers: exactly one of them refits the fold
+        refit_claim = studies.claim_refit(study, key)  # several workers: exactly one of them refits the fold
         if refit_claim is None:
             print(f"fold {fold[0]}/{fold[1]}: search complete, refitted by another process")
             return None
@@ -177,7 +177,7 @@ def run_fold(
         # The refit trains exactly as the best trial did, so it must reach exactly the same dev ROC AUC.
         studies.check_refit(fold, best, results["dev_roc_auc"], refit.info.run_id)
         mlflow.set_tag("fold_complete", "true")  # the last action: FINISHED alone does not prove completion
-        studies.refit_done(study, refit_claim, results["dev_roc_auc"])
+        studies.refit_done(study, key, refit_claim, results["dev_roc_auc"])
     print(
         f"fold {fold[0]}/{fold[1]} complete: trial {best.number} chosen ({studies.brief(best.params)}); "
         f"refit dev ROC AUC {results['dev_roc_auc']:.3f}, test ROC AUC {results['test_roc_auc']:.3f}"
@@ -202,9 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     paths, labels = drop_undecodable(paths, labels, config.data.image_size)
     split_file = Path(config.data.split_file or folder.parent / "dataset_splits.json")
     labels_by_file = {p.relative_to(folder).as_posix(): int(y) for p, y in zip(paths, labels, strict=True)}
-    splits = load_splits(split_file, folder, labels_by_file)  # stops with one sentence on a leaking or stale file
+    reproduces = original.run.info.run_id if original else None  # a rerun: its own split file, so its own data only
+    splits = load_splits(split_file, folder, labels_by_file, reproduces)  # one sentence on a leaking or stale file
     cv = config.cv
     folds = choose_folds(splits, cv.n_root_splits, cv.n_nested_splits, (cv.root_split, cv.nested_split), CONFIG_KEYS)
+    folds = reproduce.folds_to_run(original, args.set, folds)  # a rerun: every fold the run holds
     space = settings.search_space(config)
     # What decides the results: the split file, seed, determinism, config, device, threads and the code
     code = code_digest(Path(__file__).resolve().parent)
@@ -250,12 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     if reproduce.already_reproduced(original, experiment_id, key, folds):
         return  # this very rerun was made before: its verdict is printed, nothing is rerun
     first = studies.claimer(config.search.storage, f"{EXPERIMENT}-root-{key}")  # of workers started together, one
-    with resume.root_run(experiment_id, key, f"{config.model.backbone}-seed{args.seed}", record, first) as root:
+    with resume.root_run(experiment_id, key, f"{config.model.backbone}-seed{args.seed}", record, first, folds) as root:
         for fold in resume.pending(experiment_id, key, folds):  # a rerun skips the completed folds
             name = f"{EXPERIMENT}-split-{splits['digest'][:8]}-fold-{fold[0]}-{fold[1]}-{search_key[:8]}"
             run_fold(fold, splits, config, args, device, key, name)
         reproduce.judge(original, root.info.run_id, list(space), args.set, differences)  # a rerun: the same result?
-        mlflow.set_tag("run_complete", "true")  # every fold this command asked for is complete
 
     print(f"{len(folds)} fold(s) complete in {time.perf_counter() - started:.0f} s")
     runs.print_where(experiment_id, root.info.run_id)

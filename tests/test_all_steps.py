@@ -11,6 +11,8 @@ import dataclasses
 import inspect
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, load_step_module, run_script
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 STEPS = sorted(p.name for p in REPO.glob("step_*") if p.is_dir())
@@ -246,6 +249,46 @@ def test_decoded_images_are_the_decoded_bytes_once_per_process(make_standin, tmp
     capped = pets.DecodedImages(paths[2:5], 32)  # three new ones: one kept, two decoded whenever they are read
     assert [image is None for image in capped.images] == [False, True, True] and len(loads) == 1
     assert torch.equal(capped[2], load(paths[4], 32)) and len(loads) == 2
+
+
+def decompression_bomb(width: int, height: int) -> bytes:
+    """A PNG of under 100 bytes whose header says width × height RGB pixels (its data: a few zero bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits per channel, RGB
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def too_large(path: Path, width: int, height: int) -> str:
+    """The sentence that refuses an image over Pillow's pixel limit."""
+    return (
+        f"{path} is {width} x {height} pixels, more than Pillow decodes safely ({Image.MAX_IMAGE_PIXELS:,} pixels): "
+        "a decompression bomb, or a photo to scale down first."
+    )
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_an_image_over_pillows_pixel_limit_is_dropped_in_one_sentence_not_decoded(step, tmp_path, capsys):
+    """20000 x 20000 (Pillow raises DecompressionBombError) and 10000 x 10000 (Pillow only warns: between its limit
+    and twice that) are both excluded before any split, each with the sentence saying why; nothing is raised."""
+    pets = load_step_module(step, "pets")
+    images = tmp_path / "oxford-iiit-pet" / "images"
+    images.mkdir(parents=True)
+    Image.new("RGB", (80, 60), (200, 100, 50)).save(images / "good_1.jpg")
+    sizes = {"bomb_1.jpg": (20000, 20000), "large_1.jpg": (10000, 10000)}
+    for name, (width, height) in sizes.items():
+        (images / name).write_bytes(decompression_bomb(width, height))
+    paths = sorted(images.iterdir())
+    for _ in range(2):  # the second time from the checks kept in the dataset folder
+        kept, labels = pets.drop_undecodable(paths, np.array([0, 1, 0]), 64)
+        assert kept == [images / "good_1.jpg"] and list(labels) == [1]
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "Excluded 2 undecodable file(s): bomb_1.jpg, large_1.jpg"
+        assert [line.strip() for line in lines[1:]] == [too_large(images / name, *sizes[name]) for name in sizes]
 
 
 @pytest.mark.parametrize(("cores", "expected"), [(16, 8), (4, 3), (2, 1), (1, 1)])

@@ -174,7 +174,7 @@ while time.time() < start:
 experiment_id = runs.use_experiment("race")
 studies.open_study(storage, "race-study", optuna.pruners.NopPruner())
 made, first = [], studies.claimer(storage, "race-root")
-with resume.root_run(experiment_id, "race-key", "race", lambda: made.append(1), first) as root:
+with resume.root_run(experiment_id, "race-key", "race", lambda: made.append(1), first, []) as root:
     print("ROOT", root.info.run_id, bool(made))
     with mlflow.start_run(nested=True) as child:  # as a fold run: in the active experiment
         print("CHILD", child.info.experiment_id)

@@ -524,6 +524,48 @@ def test_provenance_outside_a_git_checkout(make_standin, tmp_path, monkeypatch):
     assert digest == tags["dataset_digest"] != provenance.dataset_digest(folder, images[:4])
 
 
+def test_a_run_in_a_checkout_with_uncommitted_changes_is_recorded_dirty(tmp_path, monkeypatch):
+    """A new Python file that git does not ignore, or an edit of a committed one, makes the checkout dirty: so say
+    git_state and the run's tag git_dirty, and the run keeps the new files' names and the diff. Once everything is
+    committed, both say clean again."""
+    code, folder = tmp_path / "code", tmp_path / "data"
+    code.mkdir()
+    (folder / "annotations").mkdir(parents=True)
+    (folder / "images").mkdir()
+    (folder / "annotations" / "list.txt").write_text("a 1 1 1\n")
+    (image := folder / "images" / "a.jpg").write_bytes(b"bytes to digest")
+    git("init", "-q", cwd=code)
+    (code / "train.py").write_text("print('v1')\n")
+    git("add", ".", cwd=code)
+    git("commit", "-qm", "v1", cwd=code)
+    monkeypatch.chdir(tmp_path)  # the runs' artifacts: ./mlruns beside the store
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def recorded() -> tuple[str, str, set[str]]:
+        """git_state's dirty flag, and the tag and provenance artifacts of a run that logs its provenance now."""
+        with mlflow.start_run() as run:
+            provenance.log_provenance(code, torch.device("cpu"), folder, [image], True)
+        client = mlflow.MlflowClient()
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, "provenance")}
+        return provenance.git_state(code)["dirty"], client.get_run(run.info.run_id).data.tags["git_dirty"], logged
+
+    try:
+        clean = recorded()
+        (code / "helper.py").write_text("HELP = 1\n")  # new, not yet added
+        new_file = recorded()
+        git("add", ".", cwd=code)
+        git("commit", "-qm", "helper", cwd=code)
+        committed = recorded()
+        (code / "train.py").write_text("print('v2')\n")  # a committed file edited
+        edited = recorded()
+    finally:
+        mlflow.set_tracking_uri(None)
+    untracked, diff = "provenance/untracked_files.txt", "provenance/uncommitted.diff"
+    assert clean[:2] == committed[:2] == ("false", "false") and not {untracked, diff} & (clean[2] | committed[2])
+    assert new_file[:2] == ("true", "true") and untracked in new_file[2] and diff not in new_file[2]
+    assert edited[:2] == ("true", "true") and diff in edited[2] and untracked not in edited[2]
+
+
 def test_sigterm_to_the_process_group_ends_every_run_killed(make_standin, tmp_path):
     """As `timeout`, SLURM or Ctrl-C do: signal the whole group during fine-tuning, with DataLoader workers."""
     args = ["--quick", "--data-dir", str(make_standin(N_SMALL)), "--num-workers", "2"]

@@ -207,6 +207,9 @@ def test_kill_after_the_first_fold_then_resume_gives_the_same_folds(cv, split_fi
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("step_3").experiment_id
     assert client.search_runs([experiment_id], "attributes.status = 'RUNNING'")  # the kill left runs RUNNING
+    (killed,) = client.search_runs([experiment_id], "tags.run_level = 'root'")
+    assert "run_complete" not in killed.data.tags  # complete only once every fold asked of it has completed
+    assert {key for key in killed.data.tags if key.startswith("fold_asked.")} == {"fold_asked.0.0", "fold_asked.0.1"}
 
     resumed = run_script("step_3/train.py", *args, cwd=tmp_path)
     assert "fold 0/0 already complete: skipped" in resumed.stdout and "fold 0/1 complete" in resumed.stdout
@@ -444,6 +447,43 @@ def test_the_warm_up_features_are_the_frozen_backbones_computed_once(step3, make
     os.utime(paths[30], ns=(1, 1))  # a dev image's file changed (its modification time)
     again, calls, _ = features(seed=0)
     assert len(calls) == 1 and torch.equal(again["train"].dataset.features, made["train"].dataset.features)
+
+
+def test_the_warm_up_features_are_kept_apart_for_another_batch_size_or_image_size(step3, make_standin, tmp_path):
+    """Trainings in one process that differ only in the batch size (the last bits of a batch's features depend on
+    what else is in it) or only in the image size each compute their own features, and each finds its own again."""
+    train = step3.training
+    folder = make_standin(N_SMALL) / "oxford-iiit-pet" / "images"
+    paths = [Path(shutil.copy2(path, tmp_path)) for path in sorted(folder.glob("*.jpg"))[:12]]  # this test's files
+    split, args = {"train": np.arange(12)}, SimpleNamespace(seed=0, num_workers=0)
+    fp32, cpu = train.Precision("cpu", "fp32"), torch.device("cpu")
+    variants = {
+        "as quick": step3.train.QUICK,
+        "batch size": dataclasses.replace(step3.train.QUICK, batch_size=5),
+        "image size": dataclasses.replace(step3.train.QUICK, image_size=80),
+    }
+
+    def features(settings: object) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """The warm-up's features for these settings, how many batches the backbone computed for them, and the
+        eval-mode backbone's output for the loader's own batches."""
+        torch.manual_seed(0)  # the same weights every time
+        model = train.build_model(settings)
+        loader = train.make_loaders(paths, np.arange(12) % 2, split, settings, args, cpu)["warmup"]
+        calls = count_calls(model.backbone)
+        made = train.frozen_features(model.backbone, {"train": loader}, fp32)["train"].dataset.features
+        computed = len(calls)
+        with torch.no_grad():
+            batches = DataLoader(loader.dataset, settings.batch_size)
+            expected = torch.cat([model.backbone.eval()(images) for images, _ in batches])
+        return made, computed, expected
+
+    first = {name: features(variant) for name, variant in variants.items()}
+    assert [computed for _, computed, _ in first.values()] == [1, 3, 1]  # 12 images: batches of 32, of 5, of 32
+    for name, (made, _, expected) in first.items():
+        assert torch.equal(made, expected), name
+    for name, variant in variants.items():  # each found again: none computed twice
+        made, computed, _ = features(variant)
+        assert not computed and torch.equal(made, first[name][0]), name
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
@@ -1119,3 +1159,36 @@ def test_compare_refuses_different_split_files_in_one_sentence(fake_store, tmp_p
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith(f"Runs {ids['a']} and {ids['e']} were made on different split files")
     assert "split_file_digest digest_1 vs digest_2" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_root_is_complete_only_when_every_fold_asked_of_it_has_completed(split_file, tmp_path, monkeypatch, capsys):
+    """Folds stubbed (no training): a fold left incomplete (as when another process still runs it) keeps the root
+    incomplete and is named; completing it completes the root; a later command that asks for one more fold of the
+    same root takes the tag away until that fold completes too."""
+    train = load_step_module("step_3", "train")
+    unfinished: set[tuple[int, int]] = set()
+
+    def stub_fold(fold, splits, settings, args, device, key) -> None:
+        tags = {"run_level": "fold", "root_split_id": str(fold[0]), "nested_split_id": str(fold[1]), "run_key": key}
+        with mlflow.start_run(run_name=f"fold-{fold[0]}-{fold[1]}", nested=True, tags=tags):
+            if fold not in unfinished:
+                mlflow.set_tag("fold_complete", "true")
+
+    monkeypatch.setattr(train, "run_fold", stub_fold)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def root_tags(*flags: str) -> dict[str, str]:
+        main_in_process(train, train_args(split_file, "--n-root-splits", "1", *flags), tmp_path, monkeypatch)
+        (root,) = client.search_runs([client.get_experiment_by_name("step_3").experiment_id], "tags.run_level = 'root'")
+        return root.data.tags
+
+    unfinished.add((0, 1))
+    tags = root_tags("--n-nested-splits", "2")
+    assert "run_complete" not in tags and "its fold(s) 0/1 have not completed" in capsys.readouterr().out
+    unfinished.clear()
+    assert root_tags("--n-nested-splits", "2")["run_complete"] == "true"
+    unfinished.add((0, 2))
+    tags = root_tags("--root-split", "0", "--nested-split", "2")
+    assert "run_complete" not in tags and "fold_asked.0.2" in tags
+    unfinished.clear()
+    assert root_tags("--root-split", "0", "--nested-split", "2")["run_complete"] == "true"

@@ -266,6 +266,44 @@ def test_two_workers_share_the_trials(search, split_file, tmp_path):
     assert not runs_of(client, "attributes.status = 'RUNNING'")
 
 
+def test_more_trials_later_refit_the_new_best_once_and_complete_the_new_root(split_file, tmp_path):
+    """One trial, then three on the same study by two workers at once (the README's "more trials"): the new root's
+    fold is refitted exactly once, with its own best trial (trial 2, which beats trial 0), tested and complete, and
+    the new root is complete; both workers end without error."""
+    one_fold = ("--n-root-splits", "1", "--n-nested-splits", "1", "--seed", "6", "--no-pruning", "--num-threads", "1")
+    run_script("step_4/train.py", *train_args(split_file, *one_fold, "--n-trials", "1"), cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    command = [sys.executable, str(REPO / "step_4/train.py"), *train_args(split_file, *one_fold, "--n-trials", "3")]
+    workers = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers), [output[-3000:] for output in outputs]
+    client = client_in(tmp_path)
+    roots = {run.data.params["n_trials"]: run for run in runs_of(client, "tags.run_level = 'root'")}
+    assert sorted(roots) == ["1", "3"] and all(r.data.tags.get("run_complete") == "true" for r in roots.values())
+    new_root = roots["3"].info.run_id
+    folds = runs_of(client, f"tags.run_level = 'fold' AND tags.mlflow.parentRunId = '{new_root}'")
+    (complete,) = [run for run in folds if run.data.tags.get("fold_complete") == "true"]
+    refits = [
+        run
+        for fold in folds
+        for run in runs_of(client, f"tags.run_level = 'refit' AND tags.mlflow.parentRunId = '{fold.info.run_id}'")
+    ]
+    assert len(refits) == 1 and complete.data.tags["best_trial_number"] == "2"  # refitted once, with the new best
+    assert complete.data.tags["refit_check"] == "identical" and "test_roc_auc" in complete.data.metrics
+    assert sum("refitted by another process" in output for output in outputs) == 1
+    assert not runs_of(client, "attributes.status = 'RUNNING'")
+
+
 def test_a_torn_last_journal_record_is_repaired_and_nothing_is_lost(tmp_path, capsys):
     """Half a record at the end (a writer killed mid-write): the next record is appended onto it, unreadable, and
     the next trial fails. open_storage moves it aside; every trial loads, before and after new ones."""
@@ -330,7 +368,11 @@ def test_each_trial_draws_from_its_own_seeded_sampler():
 def test_bad_storage_is_one_sentence_before_any_work(tmp_path, monkeypatch):
     train = load_step_module("step_4", "train")
     monkeypatch.chdir(tmp_path)
-    cases = ((str(tmp_path), "give a journal file"), ("no/such/dir/x.journal", "in an existing folder"))
+    cases = (
+        (str(tmp_path), "give a journal file"),
+        ("no/such/dir/x.journal", "in an existing folder"),
+        ("/proc/x.journal", "cannot create or open this journal file"),  # a folder no one can write in
+    )
     for storage, expected in cases:
         with pytest.raises(SystemExit, match=f"--storage {storage}: .*{expected}"):
             train.main(["--quick", "--storage", storage])
@@ -480,7 +522,9 @@ def test_cutting_the_journal_before_a_damaged_record_as_advised_keeps_the_trials
     fold = (0, 1)
     with mlflow.start_run():
         studies.run_trials(study, objective, 3, lambda slot: train.sampler(train.DEFAULT_SEED, fold, slot))
-        assert studies.claim_refit(study) is not None  # this process refits the fold
+        (fold_run,) = fold_runs(search["client"])[fold]
+        key = fold_run.data.tags["run_key"]  # its refit claim was recorded after the cut: it is free again
+        assert studies.claim_refit(study, key) is not None  # this process refits the fold
     assert TrialState.RUNNING not in [t.state for t in study.trials]
     assert {slot: params for slot, (_, params, _) in by_slot(study).items()} == {
         slot: params for slot, (_, params, _) in by_slot(original).items()
@@ -630,3 +674,21 @@ def test_a_root_whose_record_was_not_written_is_never_reopened(split_file, tmp_p
               for a in client.list_artifacts(second.info.run_id, folder)}  # fmt: skip
     assert {"splits/dataset_splits.json", "search/search_setup.json",
             "provenance/installed_distributions.txt"} <= logged  # fmt: skip
+
+
+def test_the_chosen_values_figure_takes_choices_of_zero_and_a_single_choice():
+    """A choice of 0.0 (a dropout) cannot sit on a log axis, and a choice of one value spans no range: the figure of
+    the chosen values is drawn all the same."""
+    searches = load_step_module("step_4", "searches")
+    space = {
+        "dropout": searches.searched("dropout", {"suggest_categorical": {"choices": [0.0, 0.2]}}),
+        "head_hidden": searches.searched("head_hidden", {"suggest_categorical": {"choices": [64]}}),
+        "finetune_lr": searches.searched("finetune_lr", (3e-4, 3e-3)),
+    }
+    chosen = searches.pd.DataFrame(
+        {"root_split": [0, 0], "nested_split": [0, 1], "dropout": [0.0, 0.2], "head_hidden": [64.0, 64.0],
+         "finetune_lr": [1e-3, 2e-3]}
+    )  # fmt: skip
+    figure = searches.plot_chosen(chosen, space)
+    assert [ax.get_xscale() for ax in figure.axes] == ["linear", "log", "log"]
+    searches.plt.close(figure)

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -233,6 +234,22 @@ BAD_CONFIGS = [
      r"training.batch_size=0: training.batch_size should be at least 1, not 0"),
     (["--quick", "--set", "search.pruner=NopPruner", "--set", "search.n_trials=2"], r"config_quick.py with --set "
      r"search.pruner=NopPruner --set search.n_trials=2: search.pruner_options do not suit NopPruner"),
+    # passed the checks, then failed in a run: the fold's param 'seed' logged twice, MLflow refusing a param key,
+    # an infinite learning rate, the first trial's draw
+    (["--quick", "--set", "model.head_hidden=Categorical([32, 64], name='seed')"], r"model.head_hidden = "
+     r"Categorical\(...\) name should be a name other than seed, .* \(each fold run logs these params itself\), "
+     r"not 'seed'"),
+    (["--quick", "--set", "model.dropout=Float(0.0, 0.5, name='drop*out')"], r"model.dropout = Float\(...\) name "
+     r"should be a name MLflow accepts as a param key \(at most 250 .*\), not 'drop\*out'"),
+    (["--quick", "--set", "training.finetune_lr=1e999"], r"training.finetune_lr should be a finite number above 0, "
+     r"not inf"),
+    (["--quick", "--set", "training.finetune_lr=0"], r"training.finetune_lr should be above 0, not 0.0"),  # README:
+    (["--quick", "--set", "training.warmup_lr=Float(0.0, 0.1)"], r"training.warmup_lr = Float\(...\) low should be "
+     r"above 0, not 0.0"),  # "learning rates above 0": at 0 nothing trains (edges from the table itself: below)
+    (["--quick", "--set", "search.sampler=BruteForceSampler"], r"search.sampler should be a sampler that can draw "
+     r"this config's hyper-parameters \(FloatDistribution.step must be given.*\), not 'BruteForceSampler'"),
+    (["--quick", "--set", "search.storage=/proc/x.journal"], r"/proc/x.journal: cannot create or open this journal "
+     r"file"),  # a folder no one can write in
 ]  # fmt: skip
 
 
@@ -573,6 +590,7 @@ def test_a_rerun_is_new_whenever_code_packages_hardware_threads_seed_or_config_c
     out = capsys.readouterr().out
     assert reruns() == 1 and "Already reproduced by run " in out and "verdict IDENTICAL" in out
     real_code_digest, real_environment = train.code_digest, train.reproduce.environment
+    real_distributions = train.reproduce.installed_distributions
     changes = {
         "seed": (["--seed", "1"], None),
         "threads": (["--num-threads", "1"], None),
@@ -580,6 +598,8 @@ def test_a_rerun_is_new_whenever_code_packages_hardware_threads_seed_or_config_c
         "code": ([], lambda: monkeypatch.setattr(train, "code_digest", lambda folder: "edited")),
         "packages": ([], lambda: monkeypatch.setattr(
             train.reproduce, "environment", lambda device: {**real_environment(device), "torch": "9.9"})),
+        "one more installed package": ([], lambda: monkeypatch.setattr(  # torch and the others as they were
+            train.reproduce, "installed_distributions", lambda: real_distributions() + "somepkg==1.0\n")),
         "a code path's variable": ([], lambda: monkeypatch.setenv("MKL_CBWR", "AUTO")),  # exported by the user
         "nothing, but --fresh-rerun": (["--fresh-rerun"], None),
     }  # fmt: skip
@@ -587,6 +607,7 @@ def test_a_rerun_is_new_whenever_code_packages_hardware_threads_seed_or_config_c
     for count, (name, (flags, change)) in enumerate(changes.items(), start=2):
         monkeypatch.setattr(train, "code_digest", real_code_digest)
         monkeypatch.setattr(train.reproduce, "environment", real_environment)
+        monkeypatch.setattr(train.reproduce, "installed_distributions", real_distributions)
         monkeypatch.setenv("MKL_CBWR", QUICK_CODE_PATHS["MKL_CBWR"])
         if change:
             change()
@@ -598,6 +619,8 @@ def test_a_rerun_is_new_whenever_code_packages_hardware_threads_seed_or_config_c
     assert "WARNING MKL_CBWR=AUTO set in the environment, and kept" in said, said
     assert "not as in run" in said and "the CPU's code path differs: MKL_CBWR: COMPATIBLE then, AUTO now" in said
     assert "code path" not in warnings["nothing, but --fresh-rerun"]
+    assert "installed packages: 1 differ (somepkg)" in warnings["one more installed package"]
+    assert "installed packages" not in warnings["nothing, but --fresh-rerun"]
 
 
 def test_a_verdicts_cause_is_the_code_path_or_what_else_differs_or_nothing_on_record():
@@ -769,8 +792,9 @@ def test_registering_twice_makes_one_version_with_the_lineage_of_its_runs(regist
     fold = registered["client"].get_run(refit.data.tags["mlflow.parentRunId"])
     assert re.search(rf"{fold.data.tags['root_split_id']} +{fold.data.tags['nested_split_id']} .* <-", first)
     tags = version.tags
-    for key in ("dataset_digest", "split_file_digest", "git_commit", "code_digest", "dataset_synthetic"):
+    for key in load_step_module("step_5", "registry").LINEAGE:  # every one, git_dirty too
         assert tags[key] == root.data.tags[key], key
+    assert ("with uncommitted changes" in version.description) == (root.data.tags["git_dirty"] == "true")
     assert tags["dataset_synthetic"] == "true" and tags["root_run_id"] == root.info.run_id
     config = artifact(root, "config/resolved_config.json")
     assert tags["config_digest"] == hashlib.sha256(config.encode()).hexdigest()
@@ -814,18 +838,20 @@ def test_predict_refuses_what_it_cannot_predict_in_one_sentence_each(registered,
 
 
 def test_the_served_model_answers_as_predict_does_to_the_last_bit(registered, tmp_path):
-    """The README's `mlflow models serve` and `curl`, as written but for the port and the image; then two images in
-    one request against predict.py on the same two (one batch each way). The server is stopped in every case."""
+    """The README's `mlflow models serve` and `curl`, as written but for the port and the image, from a user's shell
+    (none of the code paths the tests pin: the model sets its run's); then every test image of the registered fold
+    in one request, in its table's order (the run's batches), against predict.py on the same images and against
+    the scores the refit run logged, to the last bit. The server is stopped in every case."""
     readme = (REPO / "step_5/README.md").read_text()
     serve = re.search(r"^(mlflow models serve .*)$", readme, re.M).group(1)
     curl = re.search(r"^(IMAGE=.*\ncurl [^\n]*\\\n[^\n]*)$", readme, re.M).group(1)
     port = str(free_port())
     command = serve.replace("5001", port).split()
     command[0] = str(Path(sys.executable).parent / "mlflow")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # its uvicorn
-    env.pop("MLFLOW_TRACKING_URI", None)
+    shell = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and k not in QUICK_CODE_PATHS}
+    env = {**shell, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # its uvicorn
     url = f"http://127.0.0.1:{port}"
-    names = list(registered["test"]["file"][:2])
+    names = list(registered["test"]["file"])
     files = [str(registered["images"] / name) for name in names]
     with serving(command, registered["cwd"], tmp_path / "serve.log", lambda: urlopen(f"{url}/ping", timeout=2), env):
         image = curl.split("\n")[0].removeprefix("IMAGE=")
@@ -839,26 +865,474 @@ def test_the_served_model_answers_as_predict_does_to_the_last_bit(registered, tm
         }
         request = Request(f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"})
         with urlopen(request, timeout=60) as response:
-            two = json.loads(response.read())
+            every = json.loads(response.read())
     with pytest.raises(OSError):
         urlopen(f"{url}/ping", timeout=2)  # stopped
     local = predictions(run_script("step_5/predict.py", *files, cwd=registered["cwd"]).stdout)
-    served = [(np.float32(answer["p_cat"]), answer["label"]) for answer in two["predictions"]]
+    served = [(np.float32(answer["p_cat"]), answer["label"]) for answer in every["predictions"]]
     assert served == [local[name] for name in names]
+    logged = registered["test"]["score"].to_numpy(np.float32)
+    assert [p_cat for p_cat, _ in served] == list(logged), "the served P(cat) is not the refit run's logged score"
     alone = predictions(run_script("step_5/predict.py", files[0], cwd=registered["cwd"]).stdout)
     assert (np.float32(one["predictions"][0]["p_cat"]), one["predictions"][0]["label"]) == alone[names[0]]
 
 
 # ----------------------------------------------------------------------------------------------------------
+# What a record or a model version says is what it holds: more trials later, text-valued hyper-parameters, folds
+# added by a later command, the code a version carries, registrations at once
+def quick_fold(split_file: tuple[Path, Path], *extra: str) -> list[str]:
+    """One fold (0/0), one trial: the smallest quick experiment."""
+    return train_args(split_file, "--set", "cv.n_root_splits=1", "--set", "cv.n_nested_splits=1", *extra)
+
+
+def test_more_trials_later_refit_the_new_best_and_complete_the_new_root(split_file, tmp_path):
+    """The README's "more trials": one trial, then three on the same study. The new root's fold is refitted with its
+    own best trial (here trial 2, which beats trial 0), tested and complete, and the root is complete; the
+    analysis and register.py find it."""
+    common = ("--seed", "2", "--set", "search.pruner=NopPruner", "--set", "search.pruner_options={}")
+    main_captured("step_5/train.py", *quick_fold(split_file, *common, "--set", "search.n_trials=1"), cwd=tmp_path)
+    more = main_captured(
+        "step_5/train.py", *quick_fold(split_file, *common, "--set", "search.n_trials=3"), cwd=tmp_path
+    )
+    assert "refitted by another process" not in more.stdout and "fold 0/0 complete: trial 2 chosen" in more.stdout
+    client = client_in(tmp_path)
+    roots = {run.data.params["search.n_trials"]: run for run in runs_of(client, "tags.run_level = 'root'")}
+    assert sorted(roots) == ["1", "3"] and all(r.data.tags.get("run_complete") == "true" for r in roots.values())
+    (fold,) = fold_runs(client, roots["3"].info.run_id).values()
+    refit = client.get_run(fold.data.tags["refit_run_id"])
+    assert fold.data.tags["best_trial_number"] == "2" and refit.data.tags["best_trial_number"] == "2"
+    assert fold.data.tags["refit_check"] == "identical" and "test_roc_auc" in fold.data.metrics
+    (first,) = fold_runs(client, roots["1"].info.run_id).values()
+    assert (
+        first.data.tags["best_trial_number"] == "0"
+        and fold.data.metrics["dev_roc_auc"] > first.data.metrics["dev_roc_auc"]
+    )
+    registered = run_script("step_5/register.py", "--run-id", roots["3"].info.run_id, cwd=tmp_path)
+    assert "from fold 0/0" in registered.stdout
+
+
+def test_a_text_valued_hyper_parameter_is_searched_refitted_and_logged(split_file, tmp_path):
+    """A Categorical of backbone names (and one of a bool): one trial, start to refit, then the analysis."""
+    choices = ("--set", "model.backbone=Categorical(['resnet18', 'resnet34'])")
+    args = quick_fold(split_file, *choices, "--set", "model.pretrained=Categorical([False])", "--set",
+                      "search.n_trials=1")  # fmt: skip
+    out = main_captured("step_5/train.py", *args, cwd=tmp_path)
+    client = client_in(tmp_path)
+    (root,) = runs_of(client, "tags.run_level = 'root'")
+    (fold,) = fold_runs(client, root.info.run_id).values()
+    backbone = fold.data.params["backbone"]
+    assert backbone in ("resnet18", "resnet34") and fold.data.params["pretrained"] == "False"
+    assert f"backbone {backbone}" in out.stdout and "pretrained False" in out.stdout
+    refit = client.get_run(fold.data.tags["refit_run_id"])
+    assert json.loads(artifact(refit, "config/resolved_config.json"))["model"]["backbone"] == backbone
+    assert root.data.tags["run_complete"] == "true"
+    main_captured("step_5/analyze_predictions.py", cwd=tmp_path)
+    studies = load_step_module("step_5", "studies")
+    brief = studies.brief({"a": 0.000123456, "b": 1024, "c": "resnet34", "d": None, "e": True})
+    assert brief == "a 0.000123, b 1024, c resnet34, d None, e True"
+
+
+def test_a_root_names_every_fold_it_holds_and_from_run_reruns_them_all(split_file, tmp_path, monkeypatch):
+    """Fold 0/1 alone, then the same experiment without the fold picked: the second command adds fold 0/0 to the
+    same root, whose record grows by it (fold_asked tags); --from-run reruns both folds; register.py registers a
+    fold the record names and refuses one it does not."""
+    base = train_args(split_file, "--seed", "11", "--set", "cv.n_root_splits=1", "--set", "cv.n_nested_splits=2",
+                      "--set", "search.n_trials=1")  # fmt: skip
+    main_captured("step_5/train.py", *base, "--set", "cv.root_split=0", "--set", "cv.nested_split=1", cwd=tmp_path)
+    main_captured("step_5/train.py", *base, cwd=tmp_path)
+    client = client_in(tmp_path)
+    (root,) = runs_of(client, "tags.run_level = 'root'")
+    assert {k for k in root.data.tags if k.startswith("fold_asked.")} == {"fold_asked.0.0", "fold_asked.0.1"}
+    assert root.data.tags["run_complete"] == "true" and sorted(fold_runs(client, root.info.run_id)) == [(0, 0), (0, 1)]
+    rerun = run_script("step_5/train.py", "--from-run", root.info.run_id, cwd=tmp_path)
+    assert "fold 0/0: identical" in rerun.stdout and "fold 0/1: identical" in rerun.stdout
+    assert "Overall: IDENTICAL\n" in rerun.stdout
+    out = run_script("step_5/register.py", "--run-id", root.info.run_id, "--fold", "0/0", cwd=tmp_path)
+    assert "from fold 0/0" in out.stdout
+    client.delete_tag(root.info.run_id, "fold_asked.0.1")  # a root whose record does not name a fold it holds
+    message = user_error("step_5/register.py", ["--run-id", root.info.run_id, "--fold", "0/1"], tmp_path, monkeypatch)
+    assert f"Root run {root.info.run_id}'s record does not name fold 0/1" in message
+    partial = run_script("step_5/train.py", "--from-run", root.info.run_id, "--set", "cv.root_split=0", "--set",
+                         "cv.nested_split=0", "--fresh-rerun", cwd=tmp_path)  # fmt: skip
+    assert "Overall: IDENTICAL (only 1 of the original's 2 folds were rerun; not checked: 0/1)" in partial.stdout
+
+
+def test_registering_refuses_code_that_is_not_the_runs(registered, tmp_path):
+    """register.py of a checkout whose pets.py differs from the run's code (a copy of step_5 with one edit): one
+    sentence, no version; the versions made carry the run's code digest."""
+    copy = tmp_path / "step_5"
+    shutil.copytree(REPO / "step_5", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    pets = copy / "pets.py"
+    pets.write_text(pets.read_text().replace("Image.Resampling.BILINEAR", "Image.Resampling.NEAREST"))
+    client, root = registered["client"], registered["root"]
+    before = len(client.search_model_versions(f"name = '{MODEL}'"))
+    folds = fold_runs(client, root.info.run_id)
+    other = next(f for f, run in folds.items() if run.data.tags["refit_run_id"] != registered["refit"].info.run_id)
+    proc = subprocess.run(
+        [sys.executable, str(copy / "register.py"), "--run-id", root.info.run_id, "--fold", f"{other[0]}/{other[1]}"],
+        cwd=registered["cwd"], capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"Root run {root.info.run_id} ran code digest {root.data.tags['code_digest'][:12]}" in proc.stderr
+    assert "the registered model would carry this checkout's photo_model.py and pets.py" in proc.stderr
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == before
+
+
+def test_registrations_started_together_make_one_version(registered):
+    """Three register.py at once on a fold not yet registered: one version of its refit run; the others find it."""
+    client, root = registered["client"], registered["root"]
+    folds = fold_runs(client, root.info.run_id)
+    fold, run = next((f, r) for f, r in folds.items() if r.data.tags["refit_run_id"] != registered["refit"].info.run_id)
+    refit_id = run.data.tags["refit_run_id"]
+    assert not client.search_model_versions(f"name = '{MODEL}' and run_id = '{refit_id}'")
+    candidate = client.get_model_version_by_alias(MODEL, "candidate").version
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and k not in QUICK_CODE_PATHS}
+    command = [sys.executable, str(REPO / "step_5/register.py"), "--run-id", root.info.run_id, "--fold",
+               f"{fold[0]}/{fold[1]}"]  # fmt: skip
+    try:
+        workers = [
+            subprocess.Popen(
+                command, cwd=registered["cwd"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            )  # fmt: skip
+            for _ in range(3)
+        ]
+        outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+        assert all(worker.returncode == 0 for worker in workers), outputs
+        assert len(client.search_model_versions(f"name = '{MODEL}' and run_id = '{refit_id}'")) == 1
+        assert sum("Registered pets-cat-vs-dog version" in out for out in outputs) == 1, outputs
+        assert sum("Already registered" in out for out in outputs) == 2, outputs
+    finally:  # the other tests predict with the best fold's version
+        client.set_registered_model_alias(MODEL, "candidate", candidate)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Config checks before any run: hyper-parameter names, infinite and NaN values, the sampler against the space
 # (section: config checks)
+def test_every_bound_of_the_settings_table_is_refused_just_outside_it_and_accepted_at_its_edge(settings, quick):
+    """Walks settings.ALLOWED itself: for each Bounds, the value just below low (low itself when `above`) and
+    `below` itself are refused, naming the key and the bound; the edge values inside are accepted."""
+    import math
+    import typing
+
+    walked = 0
+    for key, bounds in settings.ALLOWED.items():
+        if not isinstance(bounds, settings.Bounds):
+            continue
+        section, name = key.split(".")
+        hint = settings.hints_of(settings.hints_of(settings.Config)[section])[name]
+        whole = int in {hint, *typing.get_args(hint)}
+        step_down = (lambda x: x - 1) if whole else (lambda x: math.nextafter(x, -math.inf))
+        step_up = (lambda x: x + 1) if whole else (lambda x: math.nextafter(x, math.inf))
+        low = int(bounds.low) if whole else float(bounds.low)
+        outside = [low if bounds.above else step_down(low)]
+        inside = [step_up(low) if bounds.above else low]
+        if bounds.below is not None:
+            below = int(bounds.below) if whole else float(bounds.below)
+            outside.append(below)
+            inside.append(step_down(below))
+        for value in outside:
+            with pytest.raises(SystemExit) as stopped:
+                settings.override(quick, f"{key}={value!r}", "src")
+            assert f": {key} should be {bounds}, not {value!r}." in str(stopped.value.code), (key, value)
+        for value in inside:
+            assert getattr(getattr(settings.override(quick, f"{key}={value!r}", "src"), section), name) == value
+        walked += 1
+    assert walked == sum(isinstance(b, settings.Bounds) for b in settings.ALLOWED.values()) >= 15
+
+
+def test_the_reserved_names_are_the_params_a_fold_run_logs_besides_the_chosen_ones(experiment, settings):
+    """RESERVED_NAMES is what run_fold logs itself: a hyper-parameter of one of these names would be logged twice."""
+    client = experiment["client"]
+    for fold in fold_runs(client, experiment["root"].info.run_id).values():
+        assert set(fold.data.params) - SEARCHED == set(settings.RESERVED_NAMES)
+        assert set(fold.data.params) & SEARCHED == SEARCHED  # and the chosen ones under their own names
+
+
+SAID_RESERVED, SAID_REFUSED = "a name other than seed, num_threads", "a name MLflow accepts"  # each refusal
+PARAM_NAMES = [
+    *((name, SAID_RESERVED) for name in ("seed", "num_threads", "num_workers", "n_train", "n_dev", "n_test")),
+    *((name, SAID_REFUSED) for name in ("drop*out", "a/../b", "/lr", "lr%", "x" * 251)),
+    *((name, None) for name in ("x" * 250, "lr/warm-up_1.a b")),  # accepted
+]
+PARAM_IDS = [repr(name) if len(name) < 20 else f"{len(name)} characters" for name, _ in PARAM_NAMES]
+
+
+@pytest.mark.parametrize(("name", "expected"), PARAM_NAMES, ids=PARAM_IDS)
+def test_a_hyper_parameter_name_a_fold_run_logs_itself_or_mlflow_refuses_is_one_sentence(
+    name, expected, settings, quick
+):
+    """A name is refused exactly where MLflow's log_params would refuse it (its own validation) or where the fold
+    run already logs a param of that name; any other name is accepted."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_param  # what log_params runs on every param
+
+    try:
+        _validate_param(name, "0")
+        mlflow_refuses = False
+    except MlflowException:
+        mlflow_refuses = True
+    assert mlflow_refuses == (expected == SAID_REFUSED)
+    assignment = f"model.dropout=Float(0.0, 0.5, name={name!r})"
+    if expected is None:
+        assert settings.param_name("model.dropout", settings.override(quick, assignment, "src").model.dropout) == name
+        return
+    with pytest.raises(SystemExit) as stopped:
+        settings.override(quick, assignment, "src")
+    message = str(stopped.value.code)
+    assert f": model.dropout = Float(...) name should be {expected}" in message and message.endswith(f"not {name!r}.")
+    assert "\n" not in message
+
+
+NON_FINITE = [
+    # --set: 1e999 parses to inf
+    ("training.finetune_lr=1e999", r"training.finetune_lr should be a finite number above 0, not inf"),
+    ("training.warmup_weight_decay=1e999", r"training.warmup_weight_decay should be a finite number at least 0, "
+     r"not inf"),
+    ("training.finetune_lr=-1e999", r"training.finetune_lr should be a finite number above 0, not -inf"),
+    ("training.finetune_lr=Float(1e-5, 1e999, log=True)", r"training.finetune_lr = Float\(...\) high should be a "
+     r"finite number, not inf"),
+    ("model.dropout=Float(0.0, 0.5, step=1e999)", r"model.dropout = Float\(...\) step should be a finite number, "
+     r"not inf"),
+    ("model.dropout=Categorical([0.1, 1e999])", r"model.dropout choice should be a finite number at least 0 and "
+     r"below 1, not inf"),
+    ("data.shares={'train': 1e999, 'dev': 0.15, 'test': 0.15}", r"data.shares should be a share above 0 .*, finite "
+     r"numbers adding up to at most 1, not \{'train': inf"),
+    # a config file: float('nan') and float('inf')
+    ("training=replace(c.training, finetune_lr=float('nan'))", r"training.finetune_lr should be a finite number "
+     r"above 0, not nan"),
+    ("training=replace(c.training, warmup_weight_decay=float('inf'))", r"training.warmup_weight_decay should be a "
+     r"finite number at least 0, not inf"),
+    ("training=replace(c.training, finetune_lr=Float(float('nan'), 1e-3))", r"training.finetune_lr = Float\(...\) "
+     r"low should be a finite number, not nan"),
+    ("model=replace(c.model, dropout=Categorical([0.1, float('nan')]))", r"model.dropout choice should be a finite "
+     r"number at least 0 and below 1, not nan"),
+    ("data=replace(c.data, shares={'train': float('nan'), 'dev': 0.15, 'test': 0.15})", r"data.shares should be a "
+     r"share above 0 .*, finite numbers adding up to at most 1, not \{'train': nan"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("change", "expected"), NON_FINITE, ids=[change for change, _ in NON_FINITE])
+def test_an_infinite_or_nan_number_is_one_sentence_wherever_a_number_is_checked(
+    change, expected, settings, quick, tmp_path
+):
+    """A --set value (1e999 is inf) or a config file's float('nan'): refused, where it used to pass every check."""
+    if "=replace(" in change:  # a config file built on config_quick.py
+        path = tmp_path / "non_finite.py"
+        path.write_text(
+            "from dataclasses import replace\nfrom config_quick import config as c\n"
+            f"from settings import Categorical, Float\nconfig = replace(c, {change})\n"
+        )
+        with pytest.raises(SystemExit) as stopped:
+            settings.load_file(path)
+    else:
+        with pytest.raises(SystemExit) as stopped:
+            settings.override(quick, change, "src")
+    message = str(stopped.value.code)
+    assert re.search(expected, message) and "\n" not in message and message.endswith("."), message
+
+
+def test_the_sampler_draws_the_search_space_twice_before_any_run(settings, quick, capfd):
+    """A sampler that cannot draw the config's hyper-parameters (BruteForceSampler: a Float without a step), or
+    lacks a package from its second trial on (CmaEsSampler without cmaes), is refused; the others are accepted,
+    and so is BruteForceSampler on a space it can draw. The scratch study says nothing and changes no setting."""
+    import importlib.util
+
+    verbosity = optuna.logging.get_verbosity()
+    for sampler in ("TPESampler", "RandomSampler", "QMCSampler", "GPSampler", "NSGAIISampler"):
+        assert settings.override(quick, f"search.sampler={sampler}", "src").search.sampler == sampler
+    with pytest.raises(SystemExit) as stopped:
+        settings.override(quick, "search.sampler=BruteForceSampler", "src")
+    assert str(stopped.value.code).endswith(
+        ": search.sampler should be a sampler that can draw this config's hyper-parameters (FloatDistribution.step "
+        "must be given for BruteForceSampler (otherwise, the search space will be infinite)), not 'BruteForceSampler'."
+    )
+    discrete = ["model.dropout=Float(0.0, 0.5, step=0.1)", "training.warmup_lr=Categorical([1e-3, 1e-2])",
+                "training.warmup_weight_decay=Categorical([0.0, 0.1])", "training.finetune_lr=1e-3",
+                "training.finetune_weight_decay=0.0", "search.sampler=BruteForceSampler"]  # fmt: skip
+    assert settings.load(REPO / "step_5/config_quick.py", discrete)[0].search.sampler == "BruteForceSampler"
+    if importlib.util.find_spec("cmaes") is None:
+        with pytest.raises(SystemExit, match=r"search.sampler should be .* \(No module named 'cmaes'\), not 'CmaEs"):
+            settings.override(quick, "search.sampler=CmaEsSampler", "src")
+    else:
+        assert settings.override(quick, "search.sampler=CmaEsSampler", "src").search.sampler == "CmaEsSampler"
+    assert optuna.logging.get_verbosity() == verbosity
+    assert capfd.readouterr() == ("", "")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Images too large to decode safely, and the wording of register.py, predict.py and --from-run
 # (section: images and wording)
+def test_predict_refuses_an_image_over_pillows_pixel_limit_in_one_sentence(tmp_path, monkeypatch):
+    """PNGs of under 100 bytes that say 20000 x 20000 pixels (Pillow raises) and 10000 x 10000 (Pillow only warns):
+    each refused in one sentence, by the rule training uses (pets.py), before a model or a store is opened."""
+    from test_all_steps import decompression_bomb, too_large
+
+    predict = load_step_module("step_5", "predict")
+    files = {tmp_path / "bomb.png": (20000, 20000), tmp_path / "large.jpg": (10000, 10000)}
+    for path, size in files.items():
+        path.write_bytes(decompression_bomb(*size))
+        assert predict.problem(path) == too_large(path, *size)
+    message = user_error("step_5/predict.py", [str(path) for path in files], tmp_path, monkeypatch)
+    assert message.splitlines() == [too_large(path, *size) for path, size in files.items()]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_served_model_refuses_an_image_over_pillows_pixel_limit_with_a_400():
+    """The model behind `mlflow models serve` (photo_model.py) refuses a bomb sent as bytes before decoding it: an
+    MlflowException the server answers with status 400 and the sentence, not an out-of-memory decode."""
+    from test_all_steps import decompression_bomb
+
+    photo_model = load_step_module("step_5", "photo_model")
+    model = photo_model.PetPhotos()
+    model.config = {"image_size": 64, "divide_by": 255.0, "mean": [0.5] * 3, "std": [0.5] * 3, "batch_size": 8}
+    model.model = None  # never reached: the images are decoded first
+    with pytest.raises(mlflow.exceptions.MlflowException) as refused:
+        model.predict(None, pd.DataFrame({"image": [decompression_bomb(20000, 20000)]}))
+    assert refused.value.get_http_status_code() == 400
+    assert refused.value.message == (
+        "The image is 20000 x 20000 pixels, more than Pillow decodes safely (89,478,485 pixels): a decompression "
+        "bomb, or a photo to scale down first."
+    )
+
+
+def test_a_part_of_a_root_run_given_as_run_id_is_named_with_its_root(experiment, monkeypatch):
+    """register.py and analyze_predictions.py given a refit, trial or fold run: one sentence naming the kind of run
+    and its root run's id, not "did not complete"."""
+    client, root = experiment["client"], experiment["root"].info.run_id
+    fold = next(iter(fold_runs(client, root).values()))
+    cases = [("register", fold.data.tags["refit_run_id"], "refit"), ("register", fold.info.run_id, "fold"),
+             ("analyze_predictions", trials_of(client, root)[0].info.run_id, "trial")]  # fmt: skip
+    for script, run_id, level in cases:
+        message = user_error(f"step_5/{script}.py", ["--run-id", run_id], experiment["cwd"], monkeypatch)
+        expected = f"Run {run_id} is a {level} run, one part of root run {root}: give the root run's id"
+        assert message == f"{expected} (the top run in the UI)."
+
+
+def test_a_step_4_run_is_named_as_not_a_step_5_run(tmp_path, monkeypatch):
+    """A step-4 root, fold and refit run (as step_4/train.py tags them): register.py --run-id ROOT, and the refit run
+    whose model predict.py --model runs:/REFIT/model would use, are each refused as not step-5 runs."""
+    registry = load_step_module("step_5", "registry")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("step_4", artifact_location=(tmp_path / "mlruns").as_uri())
+    tags = {"run_key": "k", "root_split_id": "0", "nested_split_id": "0"}
+    root = client.create_run(experiment_id, tags={**tags, "run_level": "root", "run_complete": "true"}).info.run_id
+    fold = client.create_run(experiment_id, tags={**tags, "run_level": "fold", "mlflow.parentRunId": root})
+    refit = client.create_run(experiment_id, tags={"run_level": "refit", "mlflow.parentRunId": fold.info.run_id})
+    for run_id in (root, fold.info.run_id, refit.info.run_id):
+        client.set_terminated(run_id)
+    message = user_error("step_5/register.py", ["--run-id", root], tmp_path, monkeypatch)
+    not_step_5 = "is not a step_5 run (its experiment is step_4)"
+    assert message == f"Run {root} {not_step_5}: give the id of a root run of step_5/train.py."
+    with pytest.raises(SystemExit) as refused:
+        registry.runs_of_refit(client, refit.info.run_id)  # what registry.load asks of a runs:/REFIT/model URI
+    assert str(refused.value.code).startswith(f"Run {refit.info.run_id} {not_step_5}: ")
+
+
+def test_predict_names_the_version_that_latest_loaded(registered):
+    """--model models:/pets-cat-vs-dog/latest: the version's number is printed, not the word "latest"."""
+    client = registered["client"]
+    newest = max(int(version.version) for version in client.search_model_versions(f"name = '{MODEL}'"))
+    good = str(registered["images"] / registered["test"]["file"][0])
+    out = run_script("step_5/predict.py", "--model", f"models:/{MODEL}/latest", good, cwd=registered["cwd"])
+    assert f"{MODEL} version {newest}, made from fold " in out.stdout and "version latest" not in out.stdout
+
+
+def test_register_and_predict_without_runs_say_so_and_leave_no_store(tmp_path, monkeypatch):
+    """In a folder without mlflow.db: one sentence, and no empty mlflow.db left behind (MlflowClient would make one)."""
+    from PIL import Image
+
+    image = tmp_path / "cat.jpg"
+    Image.new("RGB", (64, 64), (90, 60, 30)).save(image)
+    for script, argv in (("register", []), ("predict", [str(image)])):
+        message = user_error(f"step_5/{script}.py", argv, tmp_path, monkeypatch)
+        no_store = f"No MLflow store at {tmp_path / 'mlflow.db'}, so no step-5 run or model here"
+        assert message.startswith(no_store) and "\n" not in message, message
+        assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("change", ["bytes", "gone"])
+def test_from_run_on_other_images_says_the_run_needs_its_own_data(experiment, change, tmp_path, monkeypatch):
+    """--from-run where an image the run used changed or is gone: the run can only be reproduced on its own data
+    (a new split file would reproduce nothing, so that is not the advice); nothing is run."""
+    root = experiment["root"]
+    data_dir = tmp_path / "oxfordiii"
+    shutil.copytree(Path(root.data.params["data.data_dir"]) / "oxford-iiit-pet", data_dir / "oxford-iiit-pet")
+    used = data_dir / "oxford-iiit-pet" / json.loads(artifact(root, "splits/dataset_splits.json"))["files"][3]
+    if change == "bytes":
+        used.write_bytes(used.read_bytes() + b"\0")  # after the JPEG's end marker: it still decodes the same
+    else:
+        used.unlink()
+    before = len(runs_of(experiment["client"]))
+    argv = ["--from-run", root.info.run_id, "--set", f"data.data_dir={data_dir}"]
+    message = user_error("step_5/train.py", argv, experiment["cwd"], monkeypatch)
+    assert message.startswith(f"Run {root.info.run_id}'s split file: ") and "\n" not in message, message
+    assert message.endswith(
+        f"these are not the images run {root.info.run_id} used, and a run can only be reproduced on its own data: "
+        "put them back, or give their folder with --set data.data_dir=DIR."
+    )
+    assert len(runs_of(experiment["client"])) == before
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Behaviours guarded by nothing before: each test fails when its bug is planted back (tests/README.md)
 # (section: unguarded behaviours)
+def test_a_versions_lineage_is_every_tag_of_its_root_runs_record(tmp_path):
+    """A root run made in a checkout with uncommitted changes, at a commit that is not this checkout's: the version's
+    lineage copies every LINEAGE tag from the run's record (never from the checkout that registers), names the runs,
+    the fold, the config's digest and the refit's results, and its description says the code had uncommitted
+    changes."""
+    registry = load_step_module("step_5", "registry")
+    provenance = load_step_module("step_5", "provenance")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("step_5", artifact_location=(tmp_path / "mlruns").as_uri())
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert provenance.git_state(REPO)["commit"] != commit
+    record = {key: f"{key} {hashlib.sha256(key.encode()).hexdigest()}" for key in registry.LINEAGE}  # each its own
+    record.update(git_commit=commit, git_dirty="true", dataset_synthetic="true")
+    root = client.create_run(experiment_id, tags={"run_level": "root", **record})
+    config = json.dumps({"training": {"batch_size": 32}})
+    client.log_text(root.info.run_id, config, "config/resolved_config.json")
+    fold = client.create_run(experiment_id, tags={
+        "run_level": "fold", "mlflow.parentRunId": root.info.run_id, "root_split_id": "1", "nested_split_id": "2",
+    })  # fmt: skip
+    refit = client.create_run(experiment_id, tags={"run_level": "refit", "mlflow.parentRunId": fold.info.run_id})
+    for name, value in (("test_roc_auc", 0.8125), ("threshold", 0.4375)):
+        client.log_metric(refit.info.run_id, name, value)
+    tags = registry.lineage(*registry.runs_of_refit(client, refit.info.run_id))
+    assert {key: tags[key] for key in registry.LINEAGE} == {key: record[key] for key in registry.LINEAGE}
+    assert (tags["root_run_id"], tags["fold_run_id"], tags["refit_run_id"], tags["fold"]) == (
+        root.info.run_id, fold.info.run_id, refit.info.run_id, "1/2"
+    )  # fmt: skip
+    assert tags["config_digest"] == hashlib.sha256(config.encode()).hexdigest()
+    assert (float(tags["test_roc_auc"]), float(tags["threshold"])) == (0.8125, 0.4375)
+    described = registry.describe(tags)
+    assert f"git commit `{commit[:12]}` with uncommitted changes" in described and "SYNTHETIC STAND-IN" in described
+    assert "uncommitted" not in registry.describe({**tags, "git_dirty": "false"})
+
+
+def test_from_run_takes_the_experiment_from_the_runs_logged_config_not_from_its_file_as_it_is_now(split_file, tmp_path):
+    """A run made from a config file of one's own (config_quick.py and the config.py it builds on, copied, with
+    the data and one fold of one trial written in), then the file edited: --from-run reruns what the run logged
+    (config/resolved_config.json), so the rerun is identical, and the file's new values are nowhere in it."""
+    data_dir, path = split_file
+    (folder := tmp_path / "configs").mkdir()
+    for name in ("config.py", "config_quick.py"):
+        (folder / name).write_text((REPO / "step_5" / name).read_text())
+    config_file, cwd = folder / "config_quick.py", tmp_path / "work"
+    cwd.mkdir()
+    with config_file.open("a") as file:  # config_quick.py imports config.py from beside it: the copy
+        file.write(
+            f"config = replace(config, data=replace(config.data, data_dir={str(data_dir)!r}, split_file={str(path)!r}),"
+            " cv=replace(config.cv, n_root_splits=1, n_nested_splits=1), search=replace(config.search, n_trials=1))\n"
+        )
+    main_captured("step_5/train.py", "--config", str(config_file), cwd=cwd)
+    client = client_in(cwd)
+    (original,) = runs_of(client, "tags.run_level = 'root'")
+    assert original.data.params["config"] == str(config_file) and original.data.params["training.warmup_epochs"] == "2"
+    with config_file.open("a") as file:  # edited after the run
+        file.write("config = replace(config, training=replace(config.training, warmup_epochs=1, finetune_epochs=1))\n")
+    rerun = main_captured("step_5/train.py", "--from-run", original.info.run_id, cwd=cwd)
+    assert "Overall: IDENTICAL" in rerun.stdout, rerun.stdout[-2000:]
+    (new,) = runs_of(client, f"tags.reproduces = '{original.info.run_id}'")
+    logged = [json.loads(artifact(run, "config/resolved_config.json")) for run in (original, new)]
+    assert logged[1]["training"] == logged[0]["training"] and logged[1]["training"]["warmup_epochs"] == 2

@@ -130,11 +130,12 @@ def describe(tags: dict[str, str]) -> str:
 def check_code(root: Run) -> None:
     """The model's code (photo_model.py, pets.py) is copied from this checkout: refuse unless this checkout's code
     is the code the run recorded, so that the version carries the code its lineage names."""
-    if code_digest(HERE) != root.data.tags.get("code_digest"):
+    here = code_digest(HERE)
+    if here != root.data.tags.get("code_digest"):
         commit = root.data.tags.get("git_commit", "unknown")
         raise SystemExit(
             f"Root run {root.info.run_id} ran code digest {root.data.tags.get('code_digest', 'unknown')[:12]}… (git "
-            f"commit {commit[:12]}), but {HERE.name}/ here has {code_digest(HERE)[:12]}…: the registered model would "
+            f"commit {commit[:12]}), but {HERE.name}/ here has {here[:12]}…: the registered model would "
             f"carry this checkout's photo_model.py and pets.py, not the run's. Register from the run's code (git "
             f"checkout {commit[:12]}, with its uncommitted changes if it had any), or train again with this code."
         )
@@ -168,7 +169,6 @@ def claimed(client: mlflow.MlflowClient, refit_id: str) -> Iterator[bool]:
                 print(f"Another process is registering refit run {refit_id}: waiting for its version")
                 waiting = True
             runs.pause(0.5)  # a stop signal ends the wait at once
-    raise AssertionError("unreachable")
 
 
 def register(client: mlflow.MlflowClient, refit_id: str, example: str) -> tuple[object, bool]:

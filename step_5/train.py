@@ -202,8 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     paths, labels = drop_undecodable(paths, labels, config.data.image_size)
     split_file = Path(config.data.split_file or folder.parent / "dataset_splits.json")
     labels_by_file = {p.relative_to(folder).as_posix(): int(y) for p, y in zip(paths, labels, strict=True)}
-    reproduces = original.run.info.run_id if original else None  # a rerun: its own split file, so its own data only
-    splits = load_splits(split_file, folder, labels_by_file, reproduces)  # one sentence on a leaking or stale file
+    splits = load_splits(split_file, folder, labels_by_file, original and original.run.info.run_id)
     cv = config.cv
     folds = choose_folds(splits, cv.n_root_splits, cv.n_nested_splits, (cv.root_split, cv.nested_split), CONFIG_KEYS)
     folds = reproduce.folds_to_run(original, args.set, folds)  # a rerun: every fold the run holds

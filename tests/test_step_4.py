@@ -230,25 +230,31 @@ def test_sigkill_mid_study_then_rerun_keeps_every_finished_trial(search, split_f
     assert not runs_of(client, "attributes.status = 'RUNNING'")
 
 
-def test_two_workers_share_the_trials(search, split_file, tmp_path):
-    """Two processes at once on one fold: one experiment, one study, exactly three finished trials with the
-    values one process draws, no trial left running, the fold refitted."""
-    args = train_args(split_file, "--root-split", "0", "--nested-split", "0", "--num-threads", "1")
+def workers_at_once(args: list[str], cwd: Path, n: int = 2) -> list[str]:
+    """`python step_4/train.py ARGS` started n times at once from cwd; their printouts, each ended without error."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     workers = [
         subprocess.Popen(
             [sys.executable, str(REPO / "step_4/train.py"), *args],
-            cwd=tmp_path,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**env, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
-        for _ in range(2)
+        for _ in range(n)
     ]
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     for worker, output in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, output[-3000:]
+    return outputs
+
+
+def test_two_workers_share_the_trials(search, split_file, tmp_path):
+    """Two processes at once on one fold: one experiment, one study, exactly three finished trials with the
+    values one process draws, no trial left running, the fold refitted."""
+    args = train_args(split_file, "--root-split", "0", "--nested-split", "0", "--num-threads", "1")
+    outputs = workers_at_once(args, tmp_path)
     client = client_in(tmp_path)
     assert sorted(e.name for e in client.search_experiments()) == ["Default", "step_4"]
     (study,) = studies_in(tmp_path).values()
@@ -272,21 +278,7 @@ def test_more_trials_later_refit_the_new_best_once_and_complete_the_new_root(spl
     the new root is complete; both workers end without error."""
     one_fold = ("--n-root-splits", "1", "--n-nested-splits", "1", "--seed", "6", "--no-pruning", "--num-threads", "1")
     run_script("step_4/train.py", *train_args(split_file, *one_fold, "--n-trials", "1"), cwd=tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    command = [sys.executable, str(REPO / "step_4/train.py"), *train_args(split_file, *one_fold, "--n-trials", "3")]
-    workers = [
-        subprocess.Popen(
-            command,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**env, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        for _ in range(2)
-    ]
-    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
-    assert all(worker.returncode == 0 for worker in workers), [output[-3000:] for output in outputs]
+    outputs = workers_at_once(train_args(split_file, *one_fold, "--n-trials", "3"), tmp_path)
     client = client_in(tmp_path)
     roots = {run.data.params["n_trials"]: run for run in runs_of(client, "tags.run_level = 'root'")}
     assert sorted(roots) == ["1", "3"] and all(r.data.tags.get("run_complete") == "true" for r in roots.values())

@@ -24,6 +24,10 @@ stamp=.venv/.requirements.lock.sha256
 lock_hash=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("requirements.lock", "rb").read()).hexdigest())')
 if [ "$(cat "$stamp" 2>/dev/null)" != "$lock_hash" ]; then
   echo "Installing requirements.lock into .venv (the first time: torch is a large download)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+  if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock; then
+    echo "Installing requirements.lock failed (above: pip's reason). The environment takes about 7 GB (torch" \
+      "and its CUDA libraries); $(df -h . | awk 'NR == 2 {print $4}') is free here. Free some and run this again." >&2
+    exit 1
+  fi
   echo "$lock_hash" > "$stamp"
 fi

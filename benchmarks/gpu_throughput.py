@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     train = load_train("step_2")
     train.runs.log_step_losses = lambda *_, **__: None  # no MLflow run here: the training alone is measured
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    pets = importlib.import_module("pets")  # step 2's, on sys.path since load_train
+    pets = importlib.import_module("support.pets")  # step 2's, on sys.path since load_train
     training = load_module("step_3", "training")  # steps 3 to 5's core (its helpers: step 2's identical copies)
     settings = train.QUICK if args.quick else dataclasses.replace(train.FULL, pretrained=False)
     train.pin_code_paths(False)  # MKL's reproducible mode on the native code paths, as the steps without --quick
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         data = train.PetImages(paths, labels, settings.image_size, augment, 0)
         if not after:
             data.images = DecodedEveryTime(pets.load_image, paths, settings.image_size)
-        return train.make_loader(data, settings.batch_size, True, workers, device, 0)
+        return train.make_loader(data, settings.batch_size, True, workers, device)
 
     @torch.no_grad()
     def inference() -> None:

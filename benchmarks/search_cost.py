@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run(train: object, argv: list[str]) -> tuple[float, int, str]:
     """Run train.main(argv) in a fresh temporary directory; return seconds, images forwarded, and its output."""
     counted = {"images": 0}
-    model_class = sys.modules["training"].PetClassifier  # step 4's training core, which train.py imported
+    model_class = sys.modules["support.training"].PetClassifier  # step 4's training core, which train.py imported
     forward = model_class.forward
 
     def counting_forward(self: object, images: object) -> object:

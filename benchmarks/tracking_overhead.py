@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     paths, labels = train.read_annotations(train.dataset_folder(args.data_dir))
     keep = train.stratified_subset(labels, args.images, 0)
     dataset = train.PetImages([paths[i] for i in keep], labels[keep], settings.image_size, True, 0)
-    loader = train.make_loader(dataset, settings.batch_size, True, 0, device, 0)
+    loader = train.make_loader(dataset, settings.batch_size, True, 0, device)
     model = train.build_model(settings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr)
     batched = train.runs.log_step_losses

@@ -37,8 +37,8 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "step_1"))  # every step holds the same common.py
-from common import int_in  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "step_1"))  # every step holds the same support/common.py
+from support.common import int_in  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Settings

@@ -29,13 +29,16 @@ def changed_lines(before: Path, after: Path) -> int:
 def main() -> None:
     """Print the two tables."""
     steps = sorted(p for p in REPO.glob("step_*") if p.is_dir())
-    names = sorted({f.name for step in steps for f in step.glob("*.py")}, key=lambda n: (n != "train.py", n))
-    lines = {(s.name, n): len((s / n).read_text().splitlines()) for s in steps for n in names if (s / n).exists()}
-    print("Lines per file:\n")
+    files = {(s, f.name): f for s in steps for f in [*s.glob("*.py"), *s.glob("support/*.py")]}  # on top or below
+    names = sorted({n for _, n in files}, key=lambda n: (n != "train.py", n))
+    lines = {(s.name, n): len(f.read_text().splitlines()) for (s, n), f in files.items()}
+    print("Lines per file (a file of support/ in the last step that has it is named with support/):\n")
     print("| file | " + " | ".join(s.name for s in steps) + " |")
     print("|---|" + "---:|" * len(steps))
     for name in names:
-        print(f"| {name} | " + " | ".join(str(lines.get((s.name, name), "")) for s in steps) + " |")
+        last = [files[(s, name)] for s in steps if (s, name) in files][-1]
+        shown = f"support/{name}" if last.parent.name == "support" else name
+        print(f"| {shown} | " + " | ".join(str(lines.get((s.name, name), "")) for s in steps) + " |")
 
     print("\nChanged lines against the previous step (`diff -u`, removed + added; new files: all their lines):\n")
     pairs = list(zip(steps, steps[1:], strict=False))
@@ -44,15 +47,15 @@ def main() -> None:
     for name in names:
         cells = []
         for before, after in pairs:
-            if not (after / name).exists():
+            if (after, name) not in files:
                 cells.append("")
                 continue
-            if not (before / name).exists():
+            if (before, name) not in files:
                 cells.append(f"{lines[(after.name, name)]} (new)")
                 continue
-            changed = changed_lines(before / name, after / name)
+            changed = changed_lines(files[(before, name)], files[(after, name)])
             cells.append(str(changed) if changed else "identical")
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {name} | " + " | ".join(cells) + " |")  # a moved file is compared where each step keeps it
 
 
 if __name__ == "__main__":

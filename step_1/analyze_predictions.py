@@ -26,7 +26,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
 )
 
-import common  # noqa: E402
+from support import common  # noqa: E402
 
 RESULTS_DIR = Path("results/step_1")  # where train.py wrote (and overwrote) its outputs
 

@@ -13,7 +13,7 @@ Run from the repository root:
 
     python step_1/download_data.py --synthetic  # the offline stand-in (without --synthetic: the real data)
     python step_1/train.py                      # DenseNet-121, ImageNet weights, 224 px: use a GPU
-    python step_1/train.py --quick              # same code path at smoke size on a CPU (~15 s on 2 cores)
+    python step_1/train.py --quick              # same code path at smoke size on a CPU (times: benchmarks/README.md)
     python step_1/analyze_predictions.py
 """
 
@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-import common
-from pets import (
+from support import common
+from support.pets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DecodedImages,

@@ -38,9 +38,11 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
 )
 
-import common  # noqa: E402
-import pets  # noqa: E402
 from provenance import follow_code_paths  # noqa: E402
+from support import (
+    common,  # noqa: E402
+    pets,  # noqa: E402
+)
 
 EXPERIMENT = "step_2"  # where step_2/train.py records its runs
 

@@ -86,11 +86,11 @@ def git_state(code_dir: Path) -> dict[str, str]:
 
 
 def code_digest(code_dir: Path) -> str:
-    """SHA-256 over the names and bytes of the Python files in code_dir: the code that runs, committed or not (a
-    commit that changes only the docs keeps it; an edit that is not committed changes it)."""
+    """SHA-256 over the names and bytes of the Python files in code_dir and its support/: the code that runs,
+    committed or not (a commit that changes only the docs keeps it; an edit that is not committed changes it)."""
     digest = hashlib.sha256()
-    for path in sorted(code_dir.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted([*code_dir.glob("*.py"), *code_dir.glob("support/*.py")]):
+        digest.update(path.relative_to(code_dir).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

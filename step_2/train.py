@@ -8,13 +8,13 @@ ROC AUC keeps the best model; the decision threshold is fitted on dev (Youden's 
 This step fixes step 1's flaws 1-3: one --seed decides the split, the weights, the shuffling and (per sample) the
 augmentation; every run is an MLflow run (a root run, a child run per phase) with its settings, metrics, model and
 provenance (provenance.py), and nothing goes to fixed paths. The same command on the same machine gives the same
-bits, for any --num-workers; a stop signal ends the runs KILLED (runs.py). Still open: flaws 4 to 6 (steps 3-5).
+bits, for any --num-workers; a stop signal ends the runs KILLED (support/runs.py). Still open: flaws 4 to 6 (steps 3-5).
 
 Run from the repository root:
 
     python step_1/download_data.py --synthetic  # the offline stand-in (without --synthetic: the real data)
     python step_2/train.py                      # DenseNet-121, ImageNet weights, 224 px: use a GPU
-    python step_2/train.py --quick              # same code path at smoke size on a CPU (~20 s on 2 cores)
+    python step_2/train.py --quick              # same code path at smoke size on a CPU (times: benchmarks/README.md)
     python step_2/analyze_predictions.py        # metrics and figures of the latest run, logged onto it
     mlflow ui                                   # then open the link train.py printed
 """
@@ -42,9 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-import common
-import runs
-from pets import (
+from provenance import log_image_lists, log_provenance, nondeterminism_reported, pin_code_paths
+from support import common, runs
+from support.pets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DecodedImages,
@@ -53,7 +53,6 @@ from pets import (
     read_annotations,
     warn_if_standin,
 )
-from provenance import log_image_lists, log_provenance, nondeterminism_reported, pin_code_paths
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,19 +183,16 @@ class PetImages(Dataset):
         return image, torch.tensor(float(self.labels[index]))
 
 
-def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int
-) -> DataLoader:
-    """A DataLoader; with num_workers > 0, worker processes decode and augment while the model trains.
-
-    Its own seeded generator makes the shuffling order a function of the seed alone."""
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device) -> DataLoader:
+    """A DataLoader; with num_workers > 0, worker processes decode and augment while the model trains. Its own
+    generator, seeded with the dataset's seed, makes the shuffling order a function of the seed alone."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(dataset.seed),
         worker_init_fn=runs.ignore_stop_signals,
     )
 
@@ -368,7 +364,7 @@ def train_and_evaluate(
         return PetImages([paths[i] for i in split[part]], labels[split[part]], settings.image_size, augment, args.seed)
 
     loaders = {
-        name: make_loader(subset(part, augment), settings.batch_size, shuffle, args.num_workers, device, args.seed)
+        name: make_loader(subset(part, augment), settings.batch_size, shuffle, args.num_workers, device)
         for name, part, augment, shuffle in (
             ("warmup", "train", False, True),  # the frozen warm-up sees the images unaugmented
             ("train", "train", True, True),

@@ -6,8 +6,8 @@ its dev set), and the mean test ROC AUC across folds with a 95% interval that ac
 training sets: the corrected resampled t interval of Nadeau & Bengio (2003). Logs the numbers (`analysis_*`
 metrics), the per-fold table (`analysis/fold_metrics.json`) and two figures (`figures/`) onto the root run
 without reopening it: it stays FINISHED. `--compare` tests whether two configurations differ, fold by fold.
-The machinery is beside it: the statistics in cv_stats.py, reading the folds and checking their models in
-fold_runs.py, the figures in figures.py, the comparison in compare.py.
+The statistics are in cv_stats.py beside it; in support/, reading the folds and checking their models
+(fold_runs.py), the figures (figures.py) and the comparison (compare.py).
 
     python step_3/analyze_predictions.py                          # the latest complete step-3 root run
     python step_3/analyze_predictions.py --run-id RUN_ID
@@ -23,11 +23,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one ba
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, RunTag  # noqa: E402
 
-import common  # noqa: E402
-from compare import compare  # noqa: E402
 from cv_stats import interval_warning, summarise, summary_metrics  # noqa: E402
-from figures import log_figures, plot_fold_rocs, plot_forest  # noqa: E402
-from fold_runs import find_run, fold_table, gather_folds, print_folds, recheck_folds  # noqa: E402
+from support import common  # noqa: E402
+from support.compare import compare  # noqa: E402
+from support.figures import log_figures, plot_fold_rocs, plot_forest  # noqa: E402
+from support.fold_runs import find_run, fold_table, gather_folds, print_folds, recheck_folds  # noqa: E402
 
 EXPERIMENT = "step_3"  # where step_3/train.py records its runs
 MORE_FOLDS = "python step_3/train.py --n-root-splits all (jobs with the same settings pool)"  # for a narrower interval

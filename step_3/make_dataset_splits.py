@@ -4,7 +4,7 @@ Outer ("root") folds each hold out a test set; inside the rest, nested folds eac
 stopping, threshold) and train on what remains. train.py reads the folds from this file instead of drawing a
 split itself, so every run and every machine uses the same folds, and load_splits checks the file each time
 (no leaks, stratified, made from the data on disk). The same data and options give a byte-identical file.
-Steps 3, 4 and 5 hold the same copy: one split file serves them all.
+Steps 3, 4 and 5 hold the same script (but for its imports): one split file serves them all.
 
 Run from the repository root (step_N: this step's folder, step_3, step_4 or step_5):
 
@@ -20,10 +20,10 @@ import hashlib
 import time
 from pathlib import Path
 
-import common
-from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
-from provenance import dataset_digest
 from splits import make_splits, write_splits
+from support import common
+from support.pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
+from support.provenance import dataset_digest
 
 CHECK_SIZE = 64  # the image check decodes at the smallest size the steps train at (--quick), the fastest
 

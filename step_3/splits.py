@@ -27,11 +27,12 @@ import numpy as np
 import sklearn
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from provenance import dataset_digest
+from support.common import STEP_DIR
+from support.provenance import dataset_digest
 
 FORMAT_VERSION = 1  # bump when the layout changes; load_splits refuses other versions
 CLASS_NAMES = {0: "dog", 1: "cat"}  # labels as read from the species column (1 = cat, the positive class)
-REMAKE = f"regenerate it with python {Path(__file__).resolve().parent.name}/make_dataset_splits.py"  # for a bad file
+REMAKE = f"regenerate it with python {STEP_DIR.name}/make_dataset_splits.py"  # for a bad file
 # How the folds to run are named to the user: by command-line flag (steps 3 and 4) or by config key (step 5)
 FLAGS = {"root": "--root-split", "nested": "--nested-split", "n_root": "--n-root-splits",
          "n_nested": "--n-nested-splits", "all": "'all'"}  # fmt: skip
@@ -214,7 +215,7 @@ def load_splits(path: Path, folder: Path, labels: dict[str, int], rerun: str | N
         )
     if not path.is_file():
         raise SystemExit(
-            f"No split file at {path}: make it with `python {Path(__file__).resolve().parent.name}/"
+            f"No split file at {path}: make it with `python {STEP_DIR.name}/"
             f"make_dataset_splits.py --data-dir {folder.parent}` (or name another split file)."
         )
     raw = path.read_bytes()

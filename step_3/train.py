@@ -10,16 +10,16 @@ result depends on which images landed in the test set. The folds come from a spl
 make_dataset_splits.py (nested stratified k-fold: outer folds hold out a test set, inner folds a dev set),
 validated whenever it is loaded (splits.py), and every chosen fold is trained and evaluated in its own MLflow
 run under one root run. analyze_predictions.py turns the folds into a mean with a 95% interval. The same command
-again resumes (resume.py): completed folds are skipped. Step 2's training core is now in training.py, unchanged
-but for the hooks steps 4 and 5 use; this file keeps the folds. Still open: hand-picked hyper-parameters (step 4),
-hard-coded settings (5).
+again resumes (support/resume.py): completed folds are skipped. Step 2's training core is now in training.py,
+unchanged but for two speed-ups and the hooks later steps use; this file keeps the folds. Still open: hand-picked
+hyper-parameters (step 4), hard-coded settings (5).
 
 Run from the repository root:
 
     python step_1/download_data.py --synthetic  # the offline stand-in (without --synthetic: the real data)
     python step_3/make_dataset_splits.py        # data/oxfordiii/dataset_splits.json, 10 x 10 folds, made once
     python step_3/train.py                      # the first 2 x 2 folds; DenseNet-121 at 224 px: use a GPU
-    python step_3/train.py --quick              # same code path at smoke size on a CPU (~1 min on 2 cores)
+    python step_3/train.py --quick              # same code path at smoke size on a CPU (times: benchmarks/README.md)
     python step_3/train.py --root-split 3 --nested-split 0   # one fold, e.g. one job of a job array
     python step_3/analyze_predictions.py        # per-fold metrics, mean and 95% interval
 """
@@ -35,12 +35,10 @@ from pathlib import Path
 import mlflow
 import torch
 
-import common
-import resume
-import runs
-from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
-from provenance import code_digest, log_provenance, pin_code_paths
 from splits import choose_folds, count_or_all, fold_indices, load_splits
+from support import common, resume, runs
+from support.pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
+from support.provenance import code_digest, log_provenance, pin_code_paths
 from training import choose_precision, seed_everything, train_and_evaluate
 
 
@@ -130,28 +128,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_fold(
     fold: tuple[int, int], splits: dict, settings: Settings, args: argparse.Namespace, device: torch.device, key: str
-) -> dict:
+) -> None:
     """Train and evaluate one fold in its own MLflow run; its completion tag is the last thing written."""
     # Every fold starts from the same seeded state, so its result does not depend on which folds ran before it
     # in this process: a resumed experiment gives the same per-fold numbers as an uninterrupted one.
     seed_everything(args.seed, args.deterministic, args.num_threads)
     parts = fold_indices(splits, fold, settings.max_images, QUICK_SHARES, args.seed)
-    with resume.fold_run(fold, key):
-        mlflow.log_params(
-            {
-                "seed": args.seed,
-                "num_threads": torch.get_num_threads(),
-                "num_workers": args.num_workers,
-                **{f"n_{name}": len(parts[name]) for name in ("train", "dev", "test")},
-            }
-        )
+    with resume.fold_run(fold, key, args, parts):  # logs the seed, thread counts and the parts' sizes
         results = train_and_evaluate(splits["files"], splits["labels"], parts, settings, args, device)
         mlflow.set_tag("fold_complete", "true")  # the last action: FINISHED alone does not prove completion
     print(
         f"fold {fold[0]}/{fold[1]} complete: dev ROC AUC {results['dev_roc_auc']:.3f}, "
         f"test ROC AUC {results['test_roc_auc']:.3f}"
     )
-    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
     device = common.pick_device(args)  # and --num-workers, when not given, for that device
-    # The CPU's code paths, before the first computation: the same on every x86-64 CPU with --portable (provenance.py)
+    # The CPU's code paths, before the first computation: the same on every x86-64 CPU with --portable (provenance)
     cpu_paths = pin_code_paths(args.quick if args.portable is None else args.portable)
     seed_everything(args.seed, args.deterministic, args.num_threads)
     started = time.perf_counter()

@@ -38,10 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-import common
-import runs
-from pets import IMAGENET_MEAN, IMAGENET_STD, DecodedImages, file_stat
-from provenance import log_image_lists, nondeterminism_reported
+from support import common, runs
+from support.pets import IMAGENET_MEAN, IMAGENET_STD, DecodedImages, file_stat
+from support.provenance import log_image_lists, nondeterminism_reported
 
 
 class Settings(Protocol):
@@ -143,19 +142,16 @@ class PetImages(Dataset):
         return image, torch.tensor(float(self.labels[index]))
 
 
-def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int
-) -> DataLoader:
-    """A DataLoader; with num_workers > 0, worker processes decode and augment while the model trains.
-
-    Its own seeded generator makes the shuffling order a function of the seed alone."""
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device) -> DataLoader:
+    """A DataLoader; with num_workers > 0, worker processes decode and augment while the model trains. Its own
+    generator, seeded with the dataset's seed, makes the shuffling order a function of the seed alone."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(dataset.seed),
         worker_init_fn=runs.ignore_stop_signals,
     )
 
@@ -439,7 +435,7 @@ def make_loaders(
         return PetImages([paths[i] for i in split[part]], labels[split[part]], settings.image_size, augment, args.seed)
 
     return {
-        name: make_loader(subset(part, augment), settings.batch_size, shuffle, args.num_workers, device, args.seed)
+        name: make_loader(subset(part, augment), settings.batch_size, shuffle, args.num_workers, device)
         for name, part, augment, shuffle in (
             ("warmup", "train", False, True),  # the frozen warm-up sees the images unaugmented
             ("train", "train", True, True),

@@ -8,9 +8,9 @@ metrics), the per-fold table (`analysis/fold_metrics.json`) and two figures (`fi
 without reopening it: it stays FINISHED. `--compare` tests whether two configurations differ, fold by fold.
 New in step 4: each fold's Optuna study, as its optimisation history and parameter importances
 (`figures/search/`), and the hyper-parameters every fold chose side by side (`figures/chosen_hyperparameters.png`,
-`analysis/chosen_hyperparameters.json`): a stable method picks similar values in every fold. The machinery is
-beside it: the statistics in cv_stats.py, reading the folds and checking their models in fold_runs.py, the
-figures in figures.py, the comparison in compare.py, the searches in searches.py.
+`analysis/chosen_hyperparameters.json`): a stable method picks similar values in every fold, from searches.py
+beside it. In support/: the statistics (cv_stats.py), reading the folds and checking their models (fold_runs.py),
+the figures (figures.py) and the comparison (compare.py).
 
     python step_4/analyze_predictions.py                          # the latest complete step-4 root run
     python step_4/analyze_predictions.py --run-id RUN_ID
@@ -27,12 +27,12 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one ba
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, RunTag  # noqa: E402
 
-import common  # noqa: E402
-from compare import compare  # noqa: E402
-from cv_stats import interval_warning, summarise, summary_metrics  # noqa: E402
-from figures import log_figures, plot_fold_rocs, plot_forest  # noqa: E402
-from fold_runs import find_run, fold_table, gather_folds, print_folds, recheck_folds  # noqa: E402
 from searches import chosen_table, log_search_figures, plot_chosen, print_chosen  # noqa: E402
+from support import common  # noqa: E402
+from support.compare import compare  # noqa: E402
+from support.cv_stats import interval_warning, summarise, summary_metrics  # noqa: E402
+from support.figures import log_figures, plot_fold_rocs, plot_forest  # noqa: E402
+from support.fold_runs import find_run, fold_table, gather_folds, print_folds, recheck_folds  # noqa: E402
 
 EXPERIMENT = "step_4"  # where step_4/train.py records its runs
 MORE_FOLDS = "python step_4/train.py --n-root-splits all (jobs with the same settings pool)"  # for a narrower interval

@@ -21,7 +21,7 @@ import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.artifacts import load_dict  # noqa: E402
 
-import studies  # noqa: E402
+from support import sharing  # noqa: E402
 
 Fold = tuple[int, int]  # (root split, nested split)
 
@@ -103,14 +103,14 @@ def log_search_figures(
     storage: str | None,
 ) -> None:
     """Each fold's optimisation history and parameter importances (Optuna's plots), logged onto the root run."""
-    storage = storage or root.data.tags.get("optuna_storage", studies.DEFAULT_STORAGE)
-    if not (studies.is_url(storage) or Path(storage).is_file()):
+    storage = storage or root.data.tags.get("optuna_storage", sharing.DEFAULT_STORAGE)
+    if not (sharing.is_url(storage) or Path(storage).is_file()):
         print(f"No search figures: no Optuna journal at {storage} (pass --storage where the studies are kept)")
         return
     if ":***@" in storage:  # train.py logged a database URL without its password
         print(f"No search figures: the logged storage {storage} hides its password; pass --storage with the full URL")
         return
-    opened = studies.open_storage(storage)
+    opened = sharing.open_storage(storage)
     for (root_split, nested_split), run in folds.items():
         name = run.data.tags["optuna_study"]
         try:

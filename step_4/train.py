@@ -20,7 +20,7 @@ Run from the repository root:
     python step_1/download_data.py --synthetic  # the offline stand-in (without --synthetic: the real data)
     python step_4/make_dataset_splits.py        # data/oxfordiii/dataset_splits.json, 10 x 10 folds, made once
     python step_4/train.py                      # the first 2 x 2 folds, 3 trials each; DenseNet-121: use a GPU
-    python step_4/train.py --quick              # same code path at smoke size on a CPU (~4 min on 2 cores)
+    python step_4/train.py --quick              # same code path at smoke size on a CPU (times: benchmarks/README.md)
     python step_4/train.py --quick --num-threads 1 &  # twice at once: two workers share the trials
     python step_4/analyze_predictions.py        # per-fold metrics, 95% interval, the searches and chosen values
 """
@@ -38,14 +38,12 @@ import numpy as np
 import optuna
 import torch
 
-import common
-import resume
-import runs
 import studies
-from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
-from provenance import code_digest, log_provenance, pin_code_paths
-from splits import choose_folds, count_or_all, fold_indices, load_splits
-from training import build_model, choose_precision, fit, make_loaders, seed_everything, train_and_evaluate
+from support import common, resume, runs, sharing
+from support.pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
+from support.provenance import code_digest, log_provenance, pin_code_paths
+from support.splits import choose_folds, count_or_all, fold_indices, load_splits
+from support.training import build_model, choose_precision, fit, make_loaders, seed_everything, train_and_evaluate
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,14 +138,6 @@ def suggest(trial: optuna.Trial, space: dict) -> dict:
     }
 
 
-def sampler(seed: int, fold: tuple[int, int], slot: int) -> optuna.samplers.BaseSampler:
-    """The sampler for the fold's `slot`-th trial, seeded from the seed, the fold and the slot.
-
-    Optuna does not store a sampler's random state: a sampler seeded once per process would draw other values
-    after a resume. Seeded per trial, a resumed or shared search draws what one uninterrupted process draws."""
-    return optuna.samplers.TPESampler(seed=int(np.random.SeedSequence([seed, *fold, slot]).generate_state(1)[0]))
-
-
 def search(
     study: optuna.Study,
     fold: tuple[int, int],
@@ -163,12 +153,11 @@ def search(
     search_split = {part: split[part] for part in ("train", "dev")}  # the fold's test images never reach a trial
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest(trial, space)
-        trial_settings = replace(settings, **params)
+        trial_settings = replace(settings, **suggest(trial, space))  # drawn by the study's sampler
         tags = {"run_level": "trial", "trial_number": str(trial.number)}
         with runs.tracked_run(run_name=f"trial-{trial.number}", nested=True, tags=tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            mlflow.log_params(params)
+            mlflow.log_params(trial.params)
             # Common random numbers: every trial (and the refit) starts from the same seeded state, so trials
             # differ only by their hyper-parameters, and the refit retraces the best trial bit for bit.
             seed_everything(args.seed, args.deterministic, args.num_threads)
@@ -184,7 +173,7 @@ def search(
             mlflow.log_metric("dev_roc_auc", best["dev_roc_auc"])
         return best["dev_roc_auc"]
 
-    studies.run_trials(study, objective, args.n_trials, lambda slot: sampler(args.seed, fold, slot))
+    studies.run_trials(study, objective, args.n_trials, optuna.samplers.TPESampler, (args.seed, *fold))
     return study.best_trial
 
 
@@ -208,7 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--root-split", type=common.int_in(0), help="run only this outer fold (with --nested-split)")
     parser.add_argument("--nested-split", type=common.int_in(0), help="run only this inner fold (with --root-split)")
     parser.add_argument("--n-trials", type=common.int_in(1), default=3, help="finished trials in each fold's search")
-    studies.add_storage_flag(parser)  # --storage: where the Optuna studies are kept
+    sharing.add_storage_flag(parser)  # --storage: where the Optuna studies are kept
     parser.add_argument("--pruning", action=argparse.BooleanOptionalAction, default=True, help="stop lagging trials")
     common.add_amp_flag(parser)  # --amp/--no-amp: mixed precision on a CUDA GPU
     common.add_portable_flag(parser)  # --portable/--no-portable: the CPU code paths every x86-64 CPU has
@@ -224,56 +213,40 @@ def run_fold(
     device: torch.device,
     key: str,
     study_name: str,
-) -> dict | None:
-    """Search, refit and evaluate one fold in its own MLflow run; its completion tag is the last thing written."""
+) -> None:
+    """Search, refit and check one fold in its own MLflow run; its completion tag is the last thing written."""
     # Every fold starts from the same seeded state, so its result does not depend on which folds ran before it
     # in this process: a resumed experiment gives the same per-fold numbers as an uninterrupted one.
     seed_everything(args.seed, args.deterministic, args.num_threads)
     parts = fold_indices(splits, fold, settings.max_images, QUICK_SHARES, args.seed)
-    with resume.fold_run(fold, key):
-        mlflow.log_params(
-            {
-                "seed": args.seed,
-                "num_threads": torch.get_num_threads(),
-                "num_workers": args.num_workers,
-                **{f"n_{name}": len(parts[name]) for name in ("train", "dev", "test")},
-            }
-        )
+    with resume.fold_run(fold, key, args, parts):  # logs the seed, thread counts and the parts' sizes
         pruner = optuna.pruners.MedianPruner(**PRUNING) if args.pruning else optuna.pruners.NopPruner()
         study = studies.open_study(args.storage, study_name, pruner)
         mlflow.set_tag("optuna_study", study_name)
         best = search(study, fold, splits["files"], splits["labels"], parts, settings, space, args, device)
-        refit_claim = studies.claim_refit(study, key)  # several workers: exactly one of them refits the fold
-        if refit_claim is None:
-            print(f"fold {fold[0]}/{fold[1]}: search complete, refitted by another process")
-            return None
-        mlflow.log_params(best.params)  # the chosen hyper-parameters
-        tags = {"run_level": "refit", "best_trial_number": str(best.number)}
-        with runs.tracked_run(run_name="refit", nested=True, tags=tags) as refit:
-            mlflow.log_params(best.params)
-            seed_everything(args.seed, args.deterministic, args.num_threads)  # the state every trial started from
-            results = train_and_evaluate(
-                splits["files"], splits["labels"], parts, replace(settings, **best.params), args, device
-            )
-        mlflow.log_metrics({name: results[name] for name in ("dev_roc_auc", "test_roc_auc", "threshold")})
-        # The refit trains exactly as the best trial did, so it must reach exactly the same dev ROC AUC.
-        studies.check_refit(fold, best, results["dev_roc_auc"], refit.info.run_id)
-        mlflow.set_tag("fold_complete", "true")  # the last action: FINISHED alone does not prove completion
-        studies.refit_done(study, key, refit_claim, results["dev_roc_auc"])
+        with sharing.refit_once(study, key) as mine:  # several workers: exactly one of them refits the fold
+            if not mine:
+                print(f"fold {fold[0]}/{fold[1]}: search complete, refitted by another process")
+                return
+            with studies.refit_run(best) as refit:  # the best trial's values, from the state every trial started from
+                seed_everything(args.seed, args.deterministic, args.num_threads)
+                chosen = replace(settings, **best.params)
+                results = train_and_evaluate(splits["files"], splits["labels"], parts, chosen, args, device)
+            studies.check_refit(fold, best, results, refit.info.run_id)  # the best trial's dev ROC AUC, exactly?
+            mlflow.set_tag("fold_complete", "true")  # the last action: FINISHED alone does not prove completion
     print(
         f"fold {fold[0]}/{fold[1]} complete: trial {best.number} chosen ({studies.brief(best.params)}); "
         f"refit dev ROC AUC {results['dev_roc_auc']:.3f}, test ROC AUC {results['test_roc_auc']:.3f}"
     )
-    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     """Train and evaluate the chosen folds of the split file, each in its own MLflow run under one root run."""
     args = parse_args(argv)
-    studies.open_storage(args.storage)  # a bad --storage stops here, before any work
+    sharing.open_storage(args.storage)  # a bad --storage stops here, before any work
     settings = QUICK if args.quick else FULL
     device = common.pick_device(args)  # and --num-workers, when not given, for that device
-    # The CPU's code paths, before the first computation: the same on every x86-64 CPU with --portable (provenance.py)
+    # The CPU's code paths, before the first computation: the same on every x86-64 CPU with --portable (provenance)
     cpu_paths = pin_code_paths(args.quick if args.portable is None else args.portable)
     seed_everything(args.seed, args.deterministic, args.num_threads)
     started = time.perf_counter()
@@ -328,11 +301,10 @@ def main(argv: list[str] | None = None) -> None:
         studies.log_setup(space, "TPESampler", pruner, args.n_trials, args.storage)
 
     experiment_id = runs.use_experiment(EXPERIMENT)
-    first = studies.claimer(args.storage, f"{EXPERIMENT}-root-{key}")  # of workers started together, one starts it
-    with resume.root_run(experiment_id, key, f"{settings.backbone}-seed{args.seed}", record, first, folds) as root:
+    with resume.root_run(experiment_id, key, f"{settings.backbone}-seed{args.seed}", record, folds) as root:
         for fold in resume.pending(experiment_id, key, folds):  # a rerun skips the completed folds
-            name = f"{EXPERIMENT}-split-{splits['digest'][:8]}-fold-{fold[0]}-{fold[1]}-{search_key[:8]}"
-            run_fold(fold, splits, settings, space, args, device, key, name)
+            study = f"{EXPERIMENT}-split-{splits['digest'][:8]}-fold-{fold[0]}-{fold[1]}-{search_key[:8]}"
+            run_fold(fold, splits, settings, space, args, device, key, study)
 
     print(f"{len(folds)} fold(s) complete in {time.perf_counter() - started:.0f} s")
     runs.print_where(experiment_id, root.info.run_id)

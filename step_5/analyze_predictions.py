@@ -11,8 +11,8 @@ New in step 4: each fold's Optuna study, as its optimisation history and paramet
 `analysis/chosen_hyperparameters.json`): a stable method picks similar values in every fold.
 New in step 5: a one-page reproducibility report of the root run, from MLflow's records alone, by the items of
 the ML Reproducibility Checklist (Pineau et al. 2021), printed and logged as `analysis/reproducibility_report.md`
-(report.py). The machinery is beside it: the statistics in cv_stats.py, reading the folds and checking their
-models in fold_runs.py, the figures in figures.py, the comparison in compare.py, the searches in searches.py.
+(support/report.py). In support/ too: the statistics (cv_stats.py), reading the folds and checking their models
+(fold_runs.py), the figures (figures.py), the comparison (compare.py) and the searches (searches.py).
 
     python step_5/analyze_predictions.py                          # the latest complete step-5 root run
     python step_5/analyze_predictions.py --run-id RUN_ID
@@ -29,13 +29,13 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one ba
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, RunTag  # noqa: E402
 
-import common  # noqa: E402
-from compare import compare  # noqa: E402
-from cv_stats import interval_warning, summarise, summary_metrics  # noqa: E402
-from figures import log_figures, plot_fold_rocs, plot_forest  # noqa: E402
-from fold_runs import find_run, fold_table, gather_folds, print_folds, recheck_folds  # noqa: E402
-from report import build_report  # noqa: E402
-from searches import chosen_table, log_search_figures, plot_chosen, print_chosen  # noqa: E402
+from support import common  # noqa: E402
+from support.compare import compare  # noqa: E402
+from support.cv_stats import interval_warning, summarise, summary_metrics  # noqa: E402
+from support.figures import log_figures, plot_fold_rocs, plot_forest  # noqa: E402
+from support.fold_runs import find_run, fold_table, gather_folds, print_folds, recheck_folds  # noqa: E402
+from support.report import build_report  # noqa: E402
+from support.searches import chosen_table, log_search_figures, plot_chosen, print_chosen  # noqa: E402
 
 EXPERIMENT = "step_5"  # where step_5/train.py records its runs
 MORE_FOLDS = "python step_5/train.py --set cv.n_root_splits=None (jobs with one config pool)"  # for a narrower interval

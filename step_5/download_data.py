@@ -3,7 +3,7 @@
 Run from the repository root (this file is the same in every step):
 
     python step_1/download_data.py                 # the real images and annotations (about 800 MB)
-    python step_1/download_data.py --synthetic     # the offline stand-in: 7,349 images, ~30 s on 2 cores
+    python step_1/download_data.py --synthetic     # the offline stand-in: 7,349 images (times: benchmarks/README.md)
     python step_1/download_data.py --synthetic --n-images 240 --seed 1   # a small stand-in, as in the tests
 
 The real data comes through torchvision into a temporary folder, renamed into place only when complete, so it

@@ -19,9 +19,11 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import UnidentifiedImageError  # noqa: E402
 
-import common  # noqa: E402
-import registry  # noqa: E402
-from pets import TooLarge, open_image  # noqa: E402
+from support import (
+    common,  # noqa: E402
+    registry,  # noqa: E402
+)
+from support.pets import TooLarge, open_image  # noqa: E402
 
 
 def problem(path: Path) -> str | None:

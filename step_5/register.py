@@ -5,7 +5,7 @@ run, lists its folds with their test ROC AUC, and registers the refit model of t
 best by test ROC AUC) as a version of the registered model `pets-cat-vs-dog`, with the alias `candidate`. The version
 carries the provenance as tags (root run, dataset digest, split-file digest, git commit, code and config digests,
 whether the data was the synthetic stand-in) and points to the refit run that logged it. Registering the same
-fold's model again finds the version made before; it does not make a second one. registry.py does the work.
+fold's model again finds the version made before; it does not make a second one. support/registry.py does the work.
 
     python step_5/register.py                            # the latest complete step-5 root run, its best fold
     python step_5/register.py --run-id RUN_ID --fold 0/1
@@ -22,10 +22,12 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import mlflow  # noqa: E402
 
-import common  # noqa: E402
-import registry  # noqa: E402
-from fold_runs import find_run, fold_table, gather_folds, model_run_id  # noqa: E402
-from resume import asked_folds  # noqa: E402
+from support import (
+    common,  # noqa: E402
+    registry,  # noqa: E402
+)
+from support.fold_runs import find_run, fold_table, gather_folds, model_run_id  # noqa: E402
+from support.resume import asked_folds  # noqa: E402
 
 EXPERIMENT = "step_5"
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     version, new = registry.register(client, model_run_id(folds[fold]), tests[fold]["file"].iloc[0])
     said = "Registered" if new else "Already registered, from the same refit run:"
     print(f"{said} {registry.NAME} version {version.version} (alias {registry.ALIAS}) from fold {fold[0]}/{fold[1]}")
-    print(f"View it: {registry.where_to_view(version.version)}")
+    print(f"View it: {registry.version_page(version.version)}")
     print(f"Next: {Path(sys.executable).name} step_5/predict.py IMAGE [IMAGE ...]")
 
 

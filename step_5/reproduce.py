@@ -37,9 +37,8 @@ from mlflow.exceptions import MlflowException
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small files: no bars
 
-from provenance import code_digest, git_state, installed_distributions, software_and_hardware
-from resume import completed_folds, held_folds
-from settings import Config, apply_overrides, from_json, load
+from support.provenance import code_digest, git_state, installed_distributions, software_and_hardware
+from support.resume import completed_folds, held_folds
 
 FOLD_METRICS = ("dev_roc_auc", "test_roc_auc", "threshold")  # all must be equal for "identical"
 NOISE_METRICS = ("dev_roc_auc", "test_roc_auc")  # judged against their spread between the original's folds
@@ -225,11 +224,11 @@ def cause_of(differences: list[str], overrides: list[str]) -> str:
 
 def judge(
     original: Original | None, new_root_id: str, searched: list[str], overrides: list[str], differences: list[str]
-) -> dict | None:
+) -> None:
     """Each fold's verdict and the overall one with its cause, printed, tagged on the fold runs and the new root,
     and logged (nothing when this is not a rerun)."""
     if original is None:
-        return None
+        return
     client = mlflow.MlflowClient()
     before, after = fold_runs(client, original.run), fold_runs(client, client.get_run(new_root_id))
     spread = {
@@ -282,7 +281,6 @@ def judge(
         print(f"Cause: {result['cause']}")
     mlflow.log_dict(result, "reproduction/verdict.json")
     mlflow.set_tag("reproduction_verdict", overall)
-    return result
 
 
 def add_rerun_flags(parser: argparse.ArgumentParser) -> None:
@@ -293,35 +291,22 @@ def add_rerun_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_experiment(
-    args: argparse.Namespace, config_file: Path, quick_config: Path, experiment: str, seed: int
-) -> tuple[Config, list[Path], Original | None]:
-    """The experiment: a config file with the --set overrides, or a logged run's record (--from-run); the config
-    files read; the original run. Fills in the seed, determinism, threads and code paths the command line left
-    open."""
-    original, files = None, []
+def original_of(args: argparse.Namespace, experiment: str, seed: int) -> Original | None:
+    """The logged run that --from-run names, from its record (None without --from-run). Fills in the seed,
+    determinism, threads and code paths the command line left open: the original's, else the defaults."""
+    original = None
     if args.fresh_rerun and args.from_run is None:
         raise SystemExit("--fresh-rerun reruns a logged run: give it with --from-run RUN_ID.")
     if args.from_run is not None:  # even "" (an unset shell variable): fetch refuses it
         if args.quick or args.config:
             raise SystemExit("--from-run takes the experiment from the run's record: give it without --quick/--config.")
         original = replace(fetch(args.from_run, experiment), fresh=args.fresh_rerun)
-        source = f"run {args.from_run}'s config/resolved_config.json"
-        config = from_json(original.config, source)  # JSON is data: nothing fetched from a server is executed
-        config = apply_overrides(config, args.set, source)
-        config = replace(config, data=replace(config.data, split_file=str(original.split_file)))
-    elif args.quick and args.config:
-        raise SystemExit(
-            f"--quick means --config {quick_config.parent.name}/{quick_config.name}: give one of them, not both."
-        )
-    else:
-        config, files = load(args.config or (quick_config if args.quick else config_file), args.set)
     recorded = {} if original is None else vars(original)
     defaults = (("seed", seed), ("deterministic", True), ("num_threads", os.cpu_count()), ("portable", args.quick))
     for name, default in defaults:
         if getattr(args, name) is None:
             setattr(args, name, recorded.get(name, default))
-    return config, files, original
+    return original
 
 
 def folds_to_run(original: Original | None, overrides: list[str], folds: list[tuple[int, int]]) -> list:

@@ -17,7 +17,7 @@ Run from the repository root:
     python step_1/download_data.py --synthetic  # the offline stand-in (without --synthetic: the real data)
     python step_5/make_dataset_splits.py        # data/oxfordiii/dataset_splits.json, 10 x 10 folds, made once
     python step_5/train.py                      # config.py: 2 x 2 folds, 3 trials each; DenseNet-121: use a GPU
-    python step_5/train.py --quick              # config_quick.py: smoke size on a CPU (~4 min on 2 cores)
+    python step_5/train.py --quick              # config_quick.py: smoke size on a CPU (times: benchmarks/README.md)
     python step_5/train.py --quick --set search.n_trials=5   # one setting changed for one run
     python step_5/train.py --from-run RUN_ID    # run a logged root run again; ends with a verdict
     python step_5/analyze_predictions.py        # per-fold metrics, 95% interval, searches, reproducibility report
@@ -35,16 +35,13 @@ import numpy as np
 import optuna
 import torch
 
-import common
 import reproduce
-import resume
-import runs
 import settings
-import studies
-from pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
-from provenance import code_digest, log_provenance, pin_code_paths
-from splits import CONFIG_KEYS, choose_folds, fold_indices, load_splits
-from training import build_model, choose_precision, fit, make_loaders, seed_everything, train_and_evaluate
+from support import common, config_io, resume, runs, sharing, studies
+from support.pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
+from support.provenance import code_digest, log_provenance, pin_code_paths
+from support.splits import CONFIG_KEYS, choose_folds, fold_indices, load_splits
+from support.training import build_model, choose_precision, fit, make_loaders, seed_everything, train_and_evaluate
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: what the experiment is lives in a config file, logged with every run: config.py (the default),
@@ -60,14 +57,6 @@ DEFAULT_SEED = 0  # any fixed value works; what matters is that it is fixed and 
 
 # ----------------------------------------------------------------------------------------------------------
 # Hyper-parameter search: one Optuna study per fold, on the fold's train and dev images only
-def sampler(search: settings.Search, seed: int, fold: tuple[int, int], slot: int) -> optuna.samplers.BaseSampler:
-    """The sampler for the fold's `slot`-th trial, seeded from the seed, the fold and the slot.
-
-    Optuna does not store a sampler's random state: a sampler seeded once per process would draw other values
-    after a resume. Seeded per trial, a resumed or shared search draws what one uninterrupted process draws."""
-    return settings.make_sampler(search, seed=int(np.random.SeedSequence([seed, *fold, slot]).generate_state(1)[0]))
-
-
 def search(
     study: optuna.Study,
     fold: tuple[int, int],
@@ -83,12 +72,12 @@ def search(
 
     def objective(trial: optuna.Trial) -> float:
         trial_config = settings.resolve(config, settings.drawn_by(trial))  # each hyper-parameter drawn, in order
-        params, trial_settings = trial.params, settings.as_settings(trial_config)
+        trial_settings = settings.as_settings(trial_config)
         tags = {"run_level": "trial", "trial_number": str(trial.number)}
         with runs.tracked_run(run_name=f"trial-{trial.number}", nested=True, tags=tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            mlflow.log_params(params)
-            mlflow.log_text(settings.dumps(trial_config), "config/resolved_config.json")  # every value it used
+            mlflow.log_params(trial.params)
+            mlflow.log_text(config_io.dumps(trial_config), "config/resolved_config.json")  # every value it used
             # Common random numbers: every trial (and the refit) starts from the same seeded state, so trials
             # differ only by their hyper-parameters, and the refit retraces the best trial bit for bit.
             seed_everything(args.seed, args.deterministic, args.num_threads)
@@ -104,9 +93,7 @@ def search(
             mlflow.log_metric("dev_roc_auc", best["dev_roc_auc"])
         return best["dev_roc_auc"]
 
-    studies.run_trials(
-        study, objective, config.search.n_trials, lambda slot: sampler(config.search, args.seed, fold, slot)
-    )
+    studies.run_trials(study, objective, config.search.n_trials, config.search.new_sampler, (args.seed, *fold))
     return study.best_trial
 
 
@@ -119,11 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="smoke size for a CPU: small backbone, no pretrained weights, 64 px, at most 600 images, few epochs",
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        help="config file (default config.py), Python that runs as code (run only files you trust)",
-    )
+    parser.add_argument("--config", type=Path, help="config file (default config.py); it runs as code: trust it first")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. training.batch_size=16")
     reproduce.add_rerun_flags(parser)  # --from-run RUN_ID: rerun a logged root run, say if it came back; --fresh-rerun
     common.add_device_flags(parser)
@@ -141,57 +124,41 @@ def run_fold(
     device: torch.device,
     key: str,
     study_name: str,
-) -> dict | None:
-    """Search, refit and evaluate one fold in its own MLflow run; its completion tag is the last thing written."""
+) -> None:
+    """Search, refit and check one fold in its own MLflow run; its completion tag is the last thing written."""
     # Every fold starts from the same seeded state, so its result does not depend on which folds ran before it
     # in this process: a resumed experiment gives the same per-fold numbers as an uninterrupted one.
     seed_everything(args.seed, args.deterministic, args.num_threads)
     parts = fold_indices(splits, fold, config.data.max_images, config.data.shares, args.seed)
-    with resume.fold_run(fold, key):
-        mlflow.log_params(
-            {
-                "seed": args.seed,
-                "num_threads": torch.get_num_threads(),
-                "num_workers": args.num_workers,
-                **{f"n_{name}": len(parts[name]) for name in ("train", "dev", "test")},
-            }
-        )
-        study = studies.open_study(config.search.storage, study_name, settings.make_pruner(config.search))
+    with resume.fold_run(fold, key, args, parts):  # logs the seed, thread counts and the parts' sizes
+        study = studies.open_study(config.search.storage, study_name, config.search.new_pruner())
         mlflow.set_tag("optuna_study", study_name)
         best = search(study, fold, splits["files"], splits["labels"], parts, config, args, device)
-        refit_claim = studies.claim_refit(study, key)  # several workers: exactly one of them refits the fold
-        if refit_claim is None:
-            print(f"fold {fold[0]}/{fold[1]}: search complete, refitted by another process")
-            return None
-        mlflow.log_params(best.params)  # the chosen hyper-parameters
-        tags = {"run_level": "refit", "best_trial_number": str(best.number)}
-        with runs.tracked_run(run_name="refit", nested=True, tags=tags) as refit:
-            mlflow.log_params(best.params)
-            refit_config = settings.resolve(config, settings.taken_from(best.params))  # each at its chosen value
-            mlflow.log_text(settings.dumps(refit_config), "config/resolved_config.json")
-            seed_everything(args.seed, args.deterministic, args.num_threads)  # the state every trial started from
-            results = train_and_evaluate(
-                splits["files"], splits["labels"], parts, settings.as_settings(refit_config), args, device
-            )
-        mlflow.log_metrics({name: results[name] for name in ("dev_roc_auc", "test_roc_auc", "threshold")})
-        # The refit trains exactly as the best trial did, so it must reach exactly the same dev ROC AUC.
-        studies.check_refit(fold, best, results["dev_roc_auc"], refit.info.run_id)
-        mlflow.set_tag("fold_complete", "true")  # the last action: FINISHED alone does not prove completion
-        studies.refit_done(study, key, refit_claim, results["dev_roc_auc"])
+        with sharing.refit_once(study, key) as mine:  # several workers: exactly one of them refits the fold
+            if not mine:
+                print(f"fold {fold[0]}/{fold[1]}: search complete, refitted by another process")
+                return
+            with studies.refit_run(best) as refit:  # the best trial's values, from the state every trial started from
+                refit_config = config_io.resolved(config, settings.taken_from(best.params))  # each at its chosen value
+                seed_everything(args.seed, args.deterministic, args.num_threads)
+                chosen = settings.as_settings(refit_config)
+                results = train_and_evaluate(splits["files"], splits["labels"], parts, chosen, args, device)
+            studies.check_refit(fold, best, results, refit.info.run_id)  # the best trial's dev ROC AUC, exactly?
+            mlflow.set_tag("fold_complete", "true")  # the last action: FINISHED alone does not prove completion
     print(
         f"fold {fold[0]}/{fold[1]} complete: trial {best.number} chosen ({studies.brief(best.params)}); "
         f"refit dev ROC AUC {results['dev_roc_auc']:.3f}, test ROC AUC {results['test_roc_auc']:.3f}"
     )
-    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     """Train and evaluate the chosen folds of the split file, each in its own MLflow run under one root run."""
     args = parse_args(argv)
-    config, config_files, original = reproduce.load_experiment(args, CONFIG, QUICK_CONFIG, EXPERIMENT, DEFAULT_SEED)
-    studies.open_storage(config.search.storage)  # a bad config or storage stops here, before any work
+    original = reproduce.original_of(args, EXPERIMENT, DEFAULT_SEED)  # --from-run: the run to rerun, from its record
+    config, files = config_io.load_experiment(args, original, CONFIG, QUICK_CONFIG)  # a bad config stops here
+    sharing.open_storage(config.search.storage)  # a bad storage stops here, before any work
     device = common.pick_device(args)  # and --num-workers, when not given, for that device
-    # The CPU's code paths, before the first computation: the same on every x86-64 CPU with --portable (provenance.py)
+    # The CPU's code paths, before the first computation: the same on every x86-64 CPU with --portable (provenance)
     cpu_paths = pin_code_paths(args.quick if args.portable is None else args.portable)
     seed_everything(args.seed, args.deterministic, args.num_threads)
     started = time.perf_counter()
@@ -206,15 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     cv = config.cv
     folds = choose_folds(splits, cv.n_root_splits, cv.n_nested_splits, (cv.root_split, cv.nested_split), CONFIG_KEYS)
     folds = reproduce.folds_to_run(original, args.set, folds)  # a rerun: every fold the run holds
-    space = settings.search_space(config)
-    # What decides the results: the split file, seed, determinism, config, device, threads and the code
+    # What decides the results: the split file, seed, determinism, settings, search, device, threads and the code
     code = code_digest(Path(__file__).resolve().parent)
     precision = choose_precision(device, args.amp).name  # bf16 or fp16 on a CUDA GPU (unless --no-amp), else fp32
     # another device, thread count, precision or CPU code path: other bits
     machine = (str(device), args.num_threads, precision, cpu_paths)
     rerun = reproduce.rerun_of(original, device)  # a rerun: the run it reruns, the packages and the hardware
     search_key = resume.run_key(
-        splits["digest"], args.seed, args.deterministic, settings.recipe(config), machine, code, rerun
+        splits["digest"], args.seed, args.deterministic, config_io.recipe(config), machine, code, rerun
     )
     key = resume.run_key(search_key, config.search.n_trials)  # more trials later: a new root run, the same studies
     print(
@@ -227,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.set_tags({"split_file": str(split_file), "split_file_digest": splits["digest"]})
         mlflow.log_params(
             {
-                **settings.flat_settings(config),  # every fixed setting; each fold logs the values its search chose
-                "config": f"run {args.from_run}" if original else str(config_files[0]),
+                **config_io.flat_settings(config),  # every fixed setting; each fold logs the values its search chose
+                "config": f"run {args.from_run}" if original else str(files[0]),
                 "seed": args.seed,
                 "deterministic": args.deterministic,
                 "portable": cpu_paths["code_paths"] == "portable",
@@ -242,20 +208,17 @@ def main(argv: list[str] | None = None) -> None:
         digest = splits["meta"]["dataset_digest"]  # load_splits just checked it against the data
         log_provenance(Path(__file__).resolve().parent, device, folder, splits["files"], is_standin, digest)
         mlflow.log_artifact(str(split_file), "splits")
-        settings.log_config(config, config_files, args.set)  # its files, the resolved config, the search space
+        config_io.log_config(config, files, args.set)  # its files, the resolved config, the search and its setup
         reproduce.log_original(original, differences)  # a rerun: the run it reproduces, how its environment differs
-        pruner = {config.search.pruner: config.search.pruner_options}
-        studies.log_setup(space, config.search.sampler, pruner, config.search.n_trials, config.search.storage)
 
     experiment_id = runs.use_experiment(EXPERIMENT)
     if reproduce.already_reproduced(original, experiment_id, key, folds):
         return  # this very rerun was made before: its verdict is printed, nothing is rerun
-    first = studies.claimer(config.search.storage, f"{EXPERIMENT}-root-{key}")  # of workers started together, one
-    with resume.root_run(experiment_id, key, f"{config.model.backbone}-seed{args.seed}", record, first, folds) as root:
+    with resume.root_run(experiment_id, key, f"{config.model.backbone}-seed{args.seed}", record, folds) as root:
         for fold in resume.pending(experiment_id, key, folds):  # a rerun skips the completed folds
-            name = f"{EXPERIMENT}-split-{splits['digest'][:8]}-fold-{fold[0]}-{fold[1]}-{search_key[:8]}"
-            run_fold(fold, splits, config, args, device, key, name)
-        reproduce.judge(original, root.info.run_id, list(space), args.set, differences)  # a rerun: the same result?
+            study = f"{EXPERIMENT}-split-{splits['digest'][:8]}-fold-{fold[0]}-{fold[1]}-{search_key[:8]}"
+            run_fold(fold, splits, config, args, device, key, study)
+        reproduce.judge(original, root.info.run_id, list(settings.search_space(config)), args.set, differences)
 
     print(f"{len(folds)} fold(s) complete in {time.perf_counter() - started:.0f} s")
     runs.print_where(experiment_id, root.info.run_id)

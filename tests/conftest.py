@@ -263,26 +263,34 @@ def scramble_test_split(train: object, root: int, folder: Path, monkeypatch: pyt
     monkeypatch.setitem(train.train_and_evaluate.__globals__, "FEATURES", {})  # nor features of images (training.py)
 
 
-STEP_LOCAL = tuple(sorted({path.stem for path in REPO.glob("step_*/*.py")}))  # every step-local module name
+STEP_LOCAL = tuple(sorted({path.stem for path in REPO.glob("step_*/*.py")}))  # every step's top-level module name
+
+
+def step_local(name: str) -> bool:
+    """Is `name` one of a step folder's own modules (a top-level one, or its support package and what is in it)?"""
+    return name in STEP_LOCAL or name == "support" or name.startswith("support.")
 
 
 def load_step_module(step: str, name: str):
-    """Import step_N/<name>.py as the module `step_N_<name>`, with that step's own copies of its helper modules.
+    """Import step_N/<name>.py (or, when there is none, step_N/support/<name>.py) as the module `step_N_<name>`,
+    with that step's own copies of its other modules.
 
-    The step folders are not packages and their helper modules share names (every step has its own `pets.py`),
+    The step folders are not packages and their modules share names (every step has its own `support/pets.py`),
     so each load imports them afresh from the step's folder and leaves sys.path and sys.modules as they were.
     """
-    saved_path, saved = list(sys.path), {m: sys.modules.pop(m) for m in STEP_LOCAL if m in sys.modules}
+    saved_path, saved = list(sys.path), {m: sys.modules.pop(m) for m in list(sys.modules) if step_local(m)}
     sys.path.insert(0, str(REPO / step))
     try:
-        spec = importlib.util.spec_from_file_location(f"{step}_{name}", REPO / step / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses and pickle look the module up by name
-        spec.loader.exec_module(module)
+        if (REPO / step / f"{name}.py").exists():
+            spec = importlib.util.spec_from_file_location(f"{step}_{name}", REPO / step / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses and pickle look the module up by name
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(f"support.{name}")
     finally:
-        for local in STEP_LOCAL:
-            if local in sys.modules:
-                sys.modules.setdefault(f"{step}_{local}", sys.modules.pop(local))
+        for local in [m for m in sys.modules if step_local(m)]:
+            sys.modules.setdefault(f"{step}_{local}", sys.modules.pop(local))
         sys.modules.update(saved)
         sys.path[:] = saved_path
     return module

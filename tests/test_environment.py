@@ -55,7 +55,7 @@ def test_conda_environment_installs_the_lock_with_python_3_11():
 def test_scripts_import_only_pinned_packages():
     pinned = set(pins(REPO / "requirements.txt"))
     distributions = packages_distributions()
-    for script in sorted(REPO.glob("step_*/*.py")):
+    for script in sorted([*REPO.glob("step_*/*.py"), *REPO.glob("step_*/support/*.py")]):
         tree = ast.parse(script.read_text())
         modules = {
             alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
@@ -65,7 +65,8 @@ def test_scripts_import_only_pinned_packages():
             for node in ast.walk(tree)
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
         }
-        local = {p.stem for p in script.parent.glob("*.py")}
+        step = script.parent.parent if script.parent.name == "support" else script.parent
+        local = {p.stem for p in [*step.glob("*.py"), *step.glob("support/*.py")]} | {"support"}
         for module in sorted(modules - set(sys.stdlib_module_names) - local):
             dists = {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(module, [])}
             assert dists & pinned, f"{script.relative_to(REPO)} imports {module}, which requirements.txt does not pin"

@@ -167,14 +167,15 @@ def test_three_workers_share_every_fold_and_one_killed_mid_trial_loses_nothing(
 RACE = """
 import sys, time
 sys.path.insert(0, {step!r})
-import mlflow, optuna, resume, runs, studies
+import mlflow, optuna, studies
+from support import resume, runs
 storage, start = sys.argv[1], float(sys.argv[2])
 while time.time() < start:
     time.sleep(0.001)
 experiment_id = runs.use_experiment("race")
 studies.open_study(storage, "race-study", optuna.pruners.NopPruner())
-made, first = [], studies.claimer(storage, "race-root")
-with resume.root_run(experiment_id, "race-key", "race", lambda: made.append(1), first, []) as root:
+made = []
+with resume.root_run(experiment_id, "race-key", "race", lambda: made.append(1), []) as root:
     print("ROOT", root.info.run_id, bool(made))
     with mlflow.start_run(nested=True) as child:  # as a fold run: in the active experiment
         print("CHILD", child.info.experiment_id)
@@ -215,19 +216,19 @@ def test_workers_that_start_at_the_same_moment_make_one_study_one_experiment_one
     assert client.get_run(roots[0][1]).info.experiment_id == experiment.experiment_id  # not in Default
     children = [line.split()[1] for output in outputs for line in output.splitlines() if line.startswith("CHILD")]
     assert children == [experiment.experiment_id] * 6  # every process's runs in the experiment, none in Default
-    assert sorted(optuna.get_all_study_names(storage)) == ["claim-race-root", "race-study"]
+    assert sorted(optuna.get_all_study_names(storage)) == ["race-study"]  # the root run is claimed in MLflow
 
 
 def test_trials_of_gone_workers_on_other_hosts_are_failed_by_heartbeat(postgres, tmp_path, monkeypatch):
     """Three RUNNING trials of workers on another host (their pids cannot be checked): one whose heartbeat went
     stale, one that died before its first heartbeat, one alive. After the grace period the first two are FAIL
     and their MLflow runs KILLED; the live one is left alone, as is every trial before the grace period ends."""
-    studies = load_step_module("step_4", "studies")
-    monkeypatch.setattr(studies, "GRACE_SECONDS", 1)
+    sharing = load_step_module("step_4", "sharing")
+    monkeypatch.setattr(sharing, "TRIAL_GRACE_SECONDS", 1)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     experiment_id = client.create_experiment("heartbeats", artifact_location=(tmp_path / "mlruns").as_uri())
-    storage = studies.open_storage(postgres())
+    storage = sharing.open_storage(postgres())
     study = optuna.create_study(study_name="gone", storage=storage)
     trials, run_ids = [study.ask() for _ in range(3)], []
     for trial in trials:
@@ -238,11 +239,11 @@ def test_trials_of_gone_workers_on_other_hosts_are_failed_by_heartbeat(postgres,
     storage.record_heartbeat(stale)
     storage.record_heartbeat(alive)
 
-    studies.sweep_dead_trials(study)  # sees `never` without a heartbeat for the first time
+    sharing.sweep_dead_trials(study)  # sees `never` without a heartbeat for the first time
     assert [t.state for t in study.trials] == [TrialState.RUNNING] * 3
     time.sleep(2.5)
     storage.record_heartbeat(alive)
-    studies.sweep_dead_trials(study)
+    sharing.sweep_dead_trials(study)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
     assert [client.get_run(r).info.status for r in run_ids] == ["KILLED", "KILLED", "RUNNING"]
 
@@ -259,7 +260,7 @@ def test_a_heartbeat_that_cannot_reach_the_server_keeps_trying(monkeypatch, caps
             raise mlflow.exceptions.MlflowException("API request to the server failed")
 
     monkeypatch.setattr(mlflow.MlflowClient, "set_tag", set_tag)
-    monkeypatch.setattr(resume, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(resume, "RUN_HEARTBEAT_SECONDS", 0.05)
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:1")  # heartbeats only with a server
     with resume.heartbeat("run-id"):
         time.sleep(0.6)

@@ -175,7 +175,8 @@ def test_a_quick_epoch_runs_with_spawned_workers(make_standin, tmp_path):
     code = f"""
 import sys, multiprocessing as mp, pathlib, torch
 sys.path.insert(0, {str(REPO / "step_1")!r})
-import pets, train
+import train
+from support import pets
 if __name__ == "__main__":
     mp.set_start_method("spawn", force=True)
     folder = train.dataset_folder(pathlib.Path({str(make_standin(N_SMALL))!r}))

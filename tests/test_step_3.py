@@ -558,8 +558,9 @@ def keyed_store(step3, standin_split, tmp_path_factory) -> dict:
 
 
 def test_code_digest_follows_the_python_files_and_nothing_else(tmp_path):
-    """provenance.code_digest, the run key's input for the code: an edit to a .py file of the folder, or one more
-    .py file, gives another digest; an edit to another file, or the same files in another folder, does not."""
+    """provenance.code_digest, the run key's input for the code: an edit to a .py file of the folder or of its
+    support/, one more .py file, or a module moved between them gives another digest; an edit to another file, or
+    the same files in another folder, does not."""
     provenance = load_step_module("step_3", "provenance")
     (code := tmp_path / "step").mkdir()
     (code / "train.py").write_text("x = 1\n")
@@ -573,7 +574,16 @@ def test_code_digest_follows_the_python_files_and_nothing_else(tmp_path):
     (code / "train.py").write_text("x = 1\n")
     assert provenance.code_digest(code) == digest
     (code / "helper.py").write_text("")
-    assert provenance.code_digest(code) != digest
+    assert (with_helper := provenance.code_digest(code)) != digest
+    (code / "support").mkdir()
+    (code / "support" / "pets.py").write_text("SIZE = 64\n")
+    assert (with_support := provenance.code_digest(code)) != with_helper  # a module of the machinery is code too
+    (code / "support" / "pets.py").write_text("SIZE = 32\n")
+    assert provenance.code_digest(code) != with_support
+    (code / "support" / "pets.py").write_text("SIZE = 64\n")
+    assert provenance.code_digest(code) == with_support
+    (code / "support" / "pets.py").rename(code / "pets.py")  # the same bytes, moved out of support/
+    assert provenance.code_digest(code) not in (with_helper, with_support)
 
 
 KEY_INPUTS = ["nothing", "seed", "threads", "determinism", "settings", "split file", "code", "code paths"]

@@ -299,7 +299,7 @@ def test_more_trials_later_refit_the_new_best_once_and_complete_the_new_root(spl
 def test_a_torn_last_journal_record_is_repaired_and_nothing_is_lost(tmp_path, capsys):
     """Half a record at the end (a writer killed mid-write): the next record is appended onto it, unreadable, and
     the next trial fails. open_storage moves it aside; every trial loads, before and after new ones."""
-    studies = load_step_module("step_4", "studies")
+    sharing = load_step_module("step_4", "sharing")
 
     def journal_storage(path: Path) -> JournalStorage:
         return JournalStorage(JournalFileBackend(str(path)))
@@ -318,7 +318,7 @@ def test_a_torn_last_journal_record_is_repaired_and_nothing_is_lost(tmp_path, ca
         optuna.load_study(study_name="s", storage=journal_storage(unrepaired)).optimize(objective, n_trials=1)
 
     journal.write_bytes(torn)
-    storage = studies.open_storage(str(journal))
+    storage = sharing.open_storage(str(journal))
     assert "removed its last record" in capsys.readouterr().out
     assert journal.read_bytes() == whole
     assert len(list(tmp_path.glob("optuna_studies.journal.torn-*"))) == 1
@@ -330,7 +330,7 @@ def test_a_torn_last_journal_record_is_repaired_and_nothing_is_lost(tmp_path, ca
 def test_a_damaged_record_inside_the_journal_is_refused_with_how_to_repair(tmp_path):
     """A damaged record before the last one is not cut by itself: the file is left as it is, and the message names
     the line and says to cut the file just before it (what that repair gives: the test after the next ones)."""
-    studies = load_step_module("step_4", "studies")
+    sharing = load_step_module("step_4", "sharing")
     journal = tmp_path / "optuna_studies.journal"
     study = optuna.create_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(journal))))
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
@@ -339,17 +339,21 @@ def test_a_damaged_record_inside_the_journal_is_refused_with_how_to_repair(tmp_p
     journal.write_bytes(damaged := b"\n".join(lines))
     expected = r"journal, line 3: not a readable Optuna journal record.* cut it just before that line \(e.g. head -n 2 "
     with pytest.raises(SystemExit, match=expected):
-        studies.open_storage(str(journal))
+        sharing.open_storage(str(journal))
     assert journal.read_bytes() == damaged
 
 
-def test_each_trial_draws_from_its_own_seeded_sampler():
-    """The sampler depends on (seed, fold, slot) only: another slot, fold or seed draws other values."""
+def test_each_trial_draws_from_its_own_seeded_sampler(tmp_path, monkeypatch):
+    """The sampler of a trial depends on (seed, fold, slot) only: another slot, fold or seed draws other values."""
     train = load_step_module("step_4", "train")
+    use_own_store(tmp_path, monkeypatch)
 
-    def draw(seed: int, fold: tuple[int, int], slot: int) -> dict:
-        study = optuna.create_study(direction="maximize", sampler=train.sampler(seed, fold, slot))
-        return train.suggest(study.ask(), train.SEARCH_SPACE)
+    def draw(seed: int, fold: tuple[int, int], slot: int) -> dict:  # the trial in `slot` of a search run as train.py's
+        study = optuna.create_study(direction="maximize")
+        objective = lambda trial: train.suggest(trial, train.SEARCH_SPACE)["dropout"]  # noqa: E731
+        with mlflow.start_run():
+            train.studies.run_trials(study, objective, slot + 1, optuna.samplers.TPESampler, (seed, *fold))
+        return study.trials[slot].params
 
     assert draw(0, (0, 0), 1) == draw(0, (0, 0), 1)
     others = [draw(1, (0, 0), 1), draw(0, (0, 1), 1), draw(0, (1, 0), 1), draw(0, (0, 0), 2)]
@@ -392,11 +396,11 @@ def test_a_trial_torn_before_its_owner_was_recorded_is_redone_not_waited_for(tmp
     journal, sampler = tmp_path / "optuna_studies.journal", optuna.samplers.RandomSampler
 
     def search(n_trials: int) -> None:
-        study = optuna.load_study(study_name="s", storage=studies.open_storage(str(journal)))
+        study = optuna.load_study(study_name="s", storage=studies.sharing.open_storage(str(journal)))
         with mlflow.start_run():  # run_trials records the active (fold) run on each trial
-            studies.run_trials(study, lambda t: t.suggest_float("x", 0, 1), n_trials, lambda slot: sampler(seed=slot))
+            studies.run_trials(study, lambda t: t.suggest_float("x", 0, 1), n_trials, sampler, (0,))
 
-    optuna.create_study(study_name="s", storage=studies.open_storage(str(journal)), direction="maximize")
+    optuna.create_study(study_name="s", storage=studies.sharing.open_storage(str(journal)), direction="maximize")
     search(2)
     lines = journal.read_bytes().splitlines(keepends=True)
     created = [i for i, line in enumerate(lines) if json.loads(line)["op_code"] == 4]  # CREATE_TRIAL records
@@ -497,11 +501,11 @@ def test_cutting_the_journal_before_a_damaged_record_as_advised_keeps_the_trials
     lines[creating[1]] = lines[creating[1]][:10] + b"\n"
     journal.write_bytes(b"".join(lines))
     with pytest.raises(SystemExit) as refused:
-        studies.open_storage(str(journal))
+        studies.sharing.open_storage(str(journal))
     (command,) = re.findall(r"\(e\.g\. ([^)]*)\)", str(refused.value))
     subprocess.run(command, shell=True, check=True, cwd=tmp_path)
 
-    study = optuna.load_study(study_name=name, storage=studies.open_storage(str(journal)))
+    study = optuna.load_study(study_name=name, storage=studies.sharing.open_storage(str(journal)))
     kept = [(t.number, t.state, t.params, t.value, t.user_attrs) for t in study.trials]
     assert kept == [(t.number, t.state, t.params, t.value, t.user_attrs) for t in original.trials[: len(kept)]]
     assert kept  # the trial before the damaged record is kept
@@ -513,14 +517,40 @@ def test_cutting_the_journal_before_a_damaged_record_as_advised_keeps_the_trials
 
     fold = (0, 1)
     with mlflow.start_run():
-        studies.run_trials(study, objective, 3, lambda slot: train.sampler(train.DEFAULT_SEED, fold, slot))
+        studies.run_trials(study, objective, 3, optuna.samplers.TPESampler, (train.DEFAULT_SEED, *fold))
         (fold_run,) = fold_runs(search["client"])[fold]
         key = fold_run.data.tags["run_key"]  # its refit claim was recorded after the cut: it is free again
-        assert studies.claim_refit(study, key) is not None  # this process refits the fold
+        with studies.sharing.refit_once(study, key) as mine:
+            assert mine  # this process refits the fold
     assert TrialState.RUNNING not in [t.state for t in study.trials]
     assert {slot: params for slot, (_, params, _) in by_slot(study).items()} == {
         slot: params for slot, (_, params, _) in by_slot(original).items()
     }
+
+
+def test_a_refit_that_fails_gives_its_claim_up_and_a_refit_done_is_not_done_again(tmp_path, monkeypatch):
+    """sharing.refit_once: a refit that raises gives its claim up as it stops, so the next worker (here, the same
+    live process) claims the refit at once instead of waiting for it; a refit that ends without an error is done for
+    that root run key, and not again; another root run key refits for itself."""
+    sharing = load_step_module("step_4", "sharing")
+    use_own_store(tmp_path, monkeypatch)
+    journal = str(tmp_path / "optuna_studies.journal")
+    study = optuna.create_study(study_name="s", storage=sharing.open_storage(journal), direction="maximize")
+
+    def waits(seconds: float) -> None:
+        raise AssertionError("refit_once waited for a claim that no live refit holds")
+
+    monkeypatch.setattr(sharing.runs, "pause", waits)
+    with mlflow.start_run():  # the fold run, RUNNING in this live process, as in train.py
+        with pytest.raises(RuntimeError, match="the refit failed"), sharing.refit_once(study, "key") as mine:
+            assert mine
+            raise RuntimeError("the refit failed")
+        with sharing.refit_once(study, "key") as mine:
+            assert mine  # claimed at once: the failed claim was given up
+        with sharing.refit_once(study, "key") as mine:
+            assert not mine  # done
+        with sharing.refit_once(study, "another-key") as mine:
+            assert mine
 
 
 def test_a_stop_while_waiting_for_a_slot_fails_the_asked_trial_without_starting_it(tmp_path, monkeypatch):
@@ -531,7 +561,9 @@ def test_a_stop_while_waiting_for_a_slot_fails_the_asked_trial_without_starting_
     studies = load_step_module("step_4", "studies")
     use_own_store(tmp_path, monkeypatch)
     study = optuna.create_study(
-        study_name="s", storage=studies.open_storage(str(tmp_path / "optuna_studies.journal")), direction="maximize"
+        study_name="s",
+        storage=studies.sharing.open_storage(str(tmp_path / "optuna_studies.journal")),
+        direction="maximize",
     )
     choosing = study.ask()  # another live worker's trial (this process's pid), which has not chosen its slot yet
     choosing.set_user_attr("host", socket.gethostname())
@@ -551,7 +583,7 @@ def test_a_stop_while_waiting_for_a_slot_fails_the_asked_trial_without_starting_
     monkeypatch.setattr(study, "ask", ask_then_signal)
     try:
         with mlflow.start_run(), pytest.raises(studies.runs.StopRequested):
-            studies.run_trials(study, objective, 2, optuna.samplers.RandomSampler)
+            studies.run_trials(study, objective, 2, optuna.samplers.RandomSampler, (0,))
     finally:
         studies.runs.STOP_REQUESTED.clear()
     assert started == []

@@ -93,13 +93,26 @@ def experiment(split_file, tmp_path_factory) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Config resolution and overrides (units)
 @pytest.fixture(scope="module")
-def settings():
-    return load_step_module("step_5", "settings")
+def config_io():
+    """support/config_io.py: a config file loaded, --set applied, JSON in and out."""
+    return load_step_module("step_5", "config_io")
 
 
 @pytest.fixture(scope="module")
-def quick(settings):
-    return settings.load_file(REPO / "step_5/config_quick.py")[0]
+def settings(config_io):
+    """settings.py as config_io imported it: the classes a config is built of are the ones config_io checks."""
+    return config_io.settings
+
+
+@pytest.fixture(scope="module")
+def checks():
+    """support/config_checks.py: what each setting may be (its tables)."""
+    return load_step_module("step_5", "config_checks")
+
+
+@pytest.fixture(scope="module")
+def quick(config_io):
+    return config_io.load_file(REPO / "step_5/config_quick.py")[0]
 
 
 def test_each_kind_of_hyper_parameter_is_drawn_in_its_range_and_fixed_values_stay(settings, quick):
@@ -132,18 +145,18 @@ def test_resolution_reaches_into_nested_tables_and_names_parameters(settings):
     assert trial.params == {"b": drawn["a"]["b"], "letter": drawn["d"]}  # the key's name, or the name given
 
 
-def test_overrides_are_typed_and_a_json_config_round_trips(settings, quick):
+def test_overrides_are_typed_and_a_json_config_round_trips(settings, quick, config_io):
     config = quick
     for assignment in ("training.batch_size=16", "training.warmup_lr=1", "data.split_file=None",
                        "model.dropout=Float(0.1, 0.2)", "data.data_dir=2024", "search.pruner_options={}",
                        "search.pruner=NopPruner"):  # fmt: skip
-        config = settings.override(config, assignment, "test")
+        config = config_io.override(config, assignment, "test")
     assert config.training.batch_size == 16 and config.data.split_file is None and config.data.data_dir == "2024"
     assert config.training.warmup_lr == 1.0 and isinstance(config.training.warmup_lr, float)
     assert config.model.dropout == settings.Float(0.1, 0.2)
     assert "warmup_lr" not in settings.search_space(config)  # a fixed value is no longer searched
-    assert settings.from_json(json.loads(settings.dumps(config)), "test") == config
-    assert settings.from_json(json.loads(settings.dumps(quick)), "test") == quick
+    assert config_io.from_json(json.loads(config_io.dumps(config)), "test") == config
+    assert config_io.from_json(json.loads(config_io.dumps(quick)), "test") == quick
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,14 +294,14 @@ def test_fresh_rerun_without_from_run_is_one_sentence(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------------
 # What is logged
-def test_the_config_file_its_resolution_and_the_overrides_are_logged(experiment, settings, quick):
+def test_the_config_file_its_resolution_and_the_overrides_are_logged(experiment, settings, quick, config_io):
     client, root = experiment["client"], experiment["root"]
     assert root.data.tags["run_complete"] == "true" and not runs_of(client, "attributes.status = 'RUNNING'")
     for name in ("config.py", "config_quick.py"):  # the file as written, and the one it builds on
         assert artifact(root, f"config/{name}") == (REPO / "step_5" / name).read_text()
     overrides = root.data.tags["config_overrides"]
     assert overrides.endswith("cv.n_root_splits=1") and "data.data_dir=" in overrides
-    resolved = settings.from_json(json.loads(artifact(root, "config/resolved_config.json")), "logged")
+    resolved = config_io.from_json(json.loads(artifact(root, "config/resolved_config.json")), "logged")
     assert resolved.model == quick.model and resolved.training == quick.training and resolved.cv.n_root_splits == 1
     space = json.loads(artifact(root, "config/search_space.json"))
     assert set(space) == SEARCHED and space["warmup_lr"]["suggest_float"]["log"] is True
@@ -441,7 +454,7 @@ def test_from_run_refuses_a_split_file_changed_after_the_run(experiment, tmp_pat
 
 # ----------------------------------------------------------------------------------------------------------
 # The reproducibility report
-def test_the_report_says_what_the_records_say(experiment):
+def test_the_report_says_what_the_records_say(experiment, checks):
     client, root = experiment["client"], experiment["root"]
     report = artifact(root, "analysis/reproducibility_report.md")
     assert report.strip() in experiment["analysis"].stdout
@@ -467,10 +480,10 @@ def test_the_report_says_what_the_records_say(experiment):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What each setting may be (settings.ALLOWED): what is refused is above; here, what must still be accepted
-def test_the_shipped_configs_load_and_the_edge_of_every_range_is_accepted(settings):
+# What each setting may be (checks.ALLOWED): what is refused is above; here, what must still be accepted
+def test_the_shipped_configs_load_and_the_edge_of_every_range_is_accepted(settings, config_io):
     for name in ("config.py", "config_quick.py"):
-        settings.load_file(REPO / "step_5" / name)
+        config_io.load_file(REPO / "step_5" / name)
     edges = ["data.image_size=64", "data.max_images=10", "model.head_hidden=1", "model.dropout=0.0",
              "training.batch_size=1", "training.warmup_epochs=1", "training.finetune_epochs=0",  # 0: warm-up only
              "training.warmup_lr=1e-12", "training.warmup_weight_decay=0", "training.patience=1",
@@ -482,13 +495,13 @@ def test_the_shipped_configs_load_and_the_edge_of_every_range_is_accepted(settin
              "model.dropout=Float(0.0, 0.99)", "training.finetune_lr=Float(1e-12, 1.0)",
              "training.batch_size=Int(1, 64)",
              "training.finetune_weight_decay=Categorical([0.0, 0.1])"]  # fmt: skip
-    config, _ = settings.load(REPO / "step_5/config_quick.py", edges)
+    config, _ = config_io.load(REPO / "step_5/config_quick.py", edges)
     assert (config.data.image_size, config.data.max_images, config.training.finetune_epochs) == (64, 10, 0)
     assert config.search.pruner == "NopPruner" and config.search.pruner_options == {}
     assert config.model.dropout == settings.Float(0.0, 0.99) and config.training.batch_size == settings.Int(1, 64)
 
 
-def test_every_number_setting_has_bounds(settings):
+def test_every_number_setting_has_bounds(settings, config_io, checks):
     """A new int or float setting needs its line in ALLOWED, and every line of it names a setting."""
     import typing
     from dataclasses import fields
@@ -496,49 +509,49 @@ def test_every_number_setting_has_bounds(settings):
     keys = {
         f"{section.name}.{name}": hint
         for section in fields(settings.Config)
-        for name, hint in settings.hints_of(settings.hints_of(settings.Config)[section.name]).items()
+        for name, hint in config_io.hints_of(config_io.hints_of(settings.Config)[section.name]).items()
     }
     numbers = {key for key, hint in keys.items() if {int, float} & {hint, *typing.get_args(hint)}}
-    assert numbers <= set(settings.ALLOWED) <= set(keys)
+    assert numbers <= set(checks.ALLOWED) <= set(keys)
 
 
-def test_the_smallest_max_images_gives_each_part_of_a_fold_both_classes(settings):
+def test_the_smallest_max_images_gives_each_part_of_a_fold_both_classes(settings, config_io, checks):
     """max_images is shared by the config's data.shares and each part drawn stratified: at the bound every part has
     a cat and a dog, one image fewer and the draw fails; shares that leave a part under 2 images are refused."""
     import numpy as np
 
     splits = load_step_module("step_5", "splits")
-    config, _ = settings.load(REPO / "step_5" / "config_quick.py", [])
+    config, _ = config_io.load(REPO / "step_5" / "config_quick.py", [])
     labels = (np.random.default_rng(0).random(400) < 0.32).astype(int)  # about as many cats as the pets have
     fold = {"test": np.arange(60), "nested": [{"train": np.arange(60, 340), "dev": np.arange(340, 400)}]}
     table = {"labels": labels, "root_splits": [fold]}  # the shape fold_indices reads (splits.load_splits)
-    low = settings.ALLOWED["data.max_images"].low
+    low = checks.ALLOWED["data.max_images"].low
     parts = splits.fold_indices(table, (0, 0), low, config.data.shares, seed=0)
     assert all(set(labels[part]) == {0, 1} for part in parts.values())
     with pytest.raises(ValueError, match="greater or equal to the number of classes"):
         splits.fold_indices(table, (0, 0), low - 1, config.data.shares, seed=0)
     uneven = "data.shares={'train': 0.9, 'dev': 0.05, 'test': 0.05}"  # 5% of 600 images is 30: enough
-    assert settings.load(REPO / "step_5" / "config_quick.py", [uneven])[0].data.shares["dev"] == 0.05
+    assert config_io.load(REPO / "step_5" / "config_quick.py", [uneven])[0].data.shares["dev"] == 0.05
     with pytest.raises(SystemExit, match=r"data.max_images should be large enough that every part gets 2 images"):
-        settings.load(REPO / "step_5" / "config_quick.py", [uneven, "data.max_images=20"])
+        config_io.load(REPO / "step_5" / "config_quick.py", [uneven, "data.max_images=20"])
     with pytest.raises(SystemExit, match=r"data.shares should be a share above 0 for each of train, dev and test"):
-        settings.load(REPO / "step_5" / "config_quick.py", ["data.shares={'train': 0.9, 'dev': 0.2, 'test': 0.1}"])
+        config_io.load(REPO / "step_5" / "config_quick.py", ["data.shares={'train': 0.9, 'dev': 0.2, 'test': 0.1}"])
 
 
-def test_every_allowed_backbone_takes_the_new_head_and_64_px_is_enough(settings):
+def test_every_allowed_backbone_takes_the_new_head_and_64_px_is_enough(settings, checks):
     """build_model adapts every name in BACKBONES (built on the meta device: the structure without the memory or
     weights); a training batch of one 64 px image goes through, a smaller one does not."""
     import torch
     import torchvision
 
     train = load_step_module("step_5", "training")
-    assert {"resnet18", "densenet121", "regnet_y_400mf", "shufflenet_v2_x1_0"} <= set(settings.BACKBONES)
-    assert not {"googlenet", "inception_v3", "vit_b_16", "efficientnet_b0"} & set(settings.BACKBONES)
+    assert {"resnet18", "densenet121", "regnet_y_400mf", "shufflenet_v2_x1_0"} <= set(checks.BACKBONES)
+    assert not {"googlenet", "inception_v3", "vit_b_16", "efficientnet_b0"} & set(checks.BACKBONES)
 
     def model_of(name: str) -> object:
         return train.build_model(settings.Model(backbone=name, pretrained=False, head_hidden=4, dropout=0.0))
 
-    for name in settings.BACKBONES:
+    for name in checks.BACKBONES:
         assert torchvision.models.get_model_weights(name).DEFAULT is not None  # pretrained=True has weights
         if name.startswith("regnet_"):  # RegNet computes its widths with tensors, which the meta device lacks
             assert torchvision.models.get_model_builder(name).__module__ == "torchvision.models.regnet"
@@ -547,7 +560,7 @@ def test_every_allowed_backbone_takes_the_new_head_and_64_px_is_enough(settings)
             assert model_of(name).head[0].in_features > 0, name
     # BatchNorm refuses a one-image training batch in the forward pass when the last feature map is one pixel;
     # DenseNet, whose map shrinks fastest, needs the most (61 px measured), ResNet-style families 33 px
-    size = settings.ALLOWED["data.image_size"].low
+    size = checks.ALLOWED["data.image_size"].low
     with torch.no_grad():
         for name in ("resnet18", "densenet121"):
             assert model_of(name).train()(torch.zeros(1, 3, size, size)).shape == (1,)
@@ -753,7 +766,9 @@ def test_help_says_that_a_config_file_is_code(capsys):
     train = load_step_module("step_5", "train")
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
-    assert "Python that runs as code (run only files you trust)" in " ".join(capsys.readouterr().out.split())
+    assert "config file (default config.py); it runs as code: trust it first" in " ".join(
+        capsys.readouterr().out.split()
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -962,7 +977,7 @@ def test_registering_refuses_code_that_is_not_the_runs(registered, tmp_path):
     sentence, no version; the versions made carry the run's code digest."""
     copy = tmp_path / "step_5"
     shutil.copytree(REPO / "step_5", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    pets = copy / "pets.py"
+    pets = copy / "support" / "pets.py"
     pets.write_text(pets.read_text().replace("Image.Resampling.BILINEAR", "Image.Resampling.NEAREST"))
     client, root = registered["client"], registered["root"]
     before = len(client.search_model_versions(f"name = '{MODEL}'"))
@@ -1008,18 +1023,20 @@ def test_registrations_started_together_make_one_version(registered):
 # ----------------------------------------------------------------------------------------------------------
 # Config checks before any run: hyper-parameter names, infinite and NaN values, the sampler against the space
 # (section: config checks)
-def test_every_bound_of_the_settings_table_is_refused_just_outside_it_and_accepted_at_its_edge(settings, quick):
-    """Walks settings.ALLOWED itself: for each Bounds, the value just below low (low itself when `above`) and
+def test_every_bound_of_the_settings_table_is_refused_just_outside_it_and_accepted_at_its_edge(
+    settings, quick, config_io, checks
+):
+    """Walks checks.ALLOWED itself: for each Bounds, the value just below low (low itself when `above`) and
     `below` itself are refused, naming the key and the bound; the edge values inside are accepted."""
     import math
     import typing
 
     walked = 0
-    for key, bounds in settings.ALLOWED.items():
-        if not isinstance(bounds, settings.Bounds):
+    for key, bounds in checks.ALLOWED.items():
+        if not isinstance(bounds, checks.Bounds):
             continue
         section, name = key.split(".")
-        hint = settings.hints_of(settings.hints_of(settings.Config)[section])[name]
+        hint = config_io.hints_of(config_io.hints_of(settings.Config)[section])[name]
         whole = int in {hint, *typing.get_args(hint)}
         step_down = (lambda x: x - 1) if whole else (lambda x: math.nextafter(x, -math.inf))
         step_up = (lambda x: x + 1) if whole else (lambda x: math.nextafter(x, math.inf))
@@ -1032,19 +1049,19 @@ def test_every_bound_of_the_settings_table_is_refused_just_outside_it_and_accept
             inside.append(step_down(below))
         for value in outside:
             with pytest.raises(SystemExit) as stopped:
-                settings.override(quick, f"{key}={value!r}", "src")
+                config_io.override(quick, f"{key}={value!r}", "src")
             assert f": {key} should be {bounds}, not {value!r}." in str(stopped.value.code), (key, value)
         for value in inside:
-            assert getattr(getattr(settings.override(quick, f"{key}={value!r}", "src"), section), name) == value
+            assert getattr(getattr(config_io.override(quick, f"{key}={value!r}", "src"), section), name) == value
         walked += 1
-    assert walked == sum(isinstance(b, settings.Bounds) for b in settings.ALLOWED.values()) >= 15
+    assert walked == sum(isinstance(b, checks.Bounds) for b in checks.ALLOWED.values()) >= 15
 
 
-def test_the_reserved_names_are_the_params_a_fold_run_logs_besides_the_chosen_ones(experiment, settings):
+def test_the_reserved_names_are_the_params_a_fold_run_logs_besides_the_chosen_ones(experiment, settings, checks):
     """RESERVED_NAMES is what run_fold logs itself: a hyper-parameter of one of these names would be logged twice."""
     client = experiment["client"]
     for fold in fold_runs(client, experiment["root"].info.run_id).values():
-        assert set(fold.data.params) - SEARCHED == set(settings.RESERVED_NAMES)
+        assert set(fold.data.params) - SEARCHED == set(checks.RESERVED_NAMES)
         assert set(fold.data.params) & SEARCHED == SEARCHED  # and the chosen ones under their own names
 
 
@@ -1059,7 +1076,7 @@ PARAM_IDS = [repr(name) if len(name) < 20 else f"{len(name)} characters" for nam
 
 @pytest.mark.parametrize(("name", "expected"), PARAM_NAMES, ids=PARAM_IDS)
 def test_a_hyper_parameter_name_a_fold_run_logs_itself_or_mlflow_refuses_is_one_sentence(
-    name, expected, settings, quick
+    name, expected, settings, quick, config_io
 ):
     """A name is refused exactly where MLflow's log_params would refuse it (its own validation) or where the fold
     run already logs a param of that name; any other name is accepted."""
@@ -1074,10 +1091,10 @@ def test_a_hyper_parameter_name_a_fold_run_logs_itself_or_mlflow_refuses_is_one_
     assert mlflow_refuses == (expected == SAID_REFUSED)
     assignment = f"model.dropout=Float(0.0, 0.5, name={name!r})"
     if expected is None:
-        assert settings.param_name("model.dropout", settings.override(quick, assignment, "src").model.dropout) == name
+        assert settings.param_name("model.dropout", config_io.override(quick, assignment, "src").model.dropout) == name
         return
     with pytest.raises(SystemExit) as stopped:
-        settings.override(quick, assignment, "src")
+        config_io.override(quick, assignment, "src")
     message = str(stopped.value.code)
     assert f": model.dropout = Float(...) name should be {expected}" in message and message.endswith(f"not {name!r}.")
     assert "\n" not in message
@@ -1113,7 +1130,7 @@ NON_FINITE = [
 
 @pytest.mark.parametrize(("change", "expected"), NON_FINITE, ids=[change for change, _ in NON_FINITE])
 def test_an_infinite_or_nan_number_is_one_sentence_wherever_a_number_is_checked(
-    change, expected, settings, quick, tmp_path
+    change, expected, settings, quick, tmp_path, config_io
 ):
     """A --set value (1e999 is inf) or a config file's float('nan'): refused, where it used to pass every check."""
     if "=replace(" in change:  # a config file built on config_quick.py
@@ -1123,15 +1140,15 @@ def test_an_infinite_or_nan_number_is_one_sentence_wherever_a_number_is_checked(
             f"from settings import Categorical, Float\nconfig = replace(c, {change})\n"
         )
         with pytest.raises(SystemExit) as stopped:
-            settings.load_file(path)
+            config_io.load_file(path)
     else:
         with pytest.raises(SystemExit) as stopped:
-            settings.override(quick, change, "src")
+            config_io.override(quick, change, "src")
     message = str(stopped.value.code)
     assert re.search(expected, message) and "\n" not in message and message.endswith("."), message
 
 
-def test_the_sampler_draws_the_search_space_twice_before_any_run(settings, quick, capfd):
+def test_the_sampler_draws_the_search_space_twice_before_any_run(settings, quick, capfd, config_io):
     """A sampler that cannot draw the config's hyper-parameters (BruteForceSampler: a Float without a step), or
     lacks a package from its second trial on (CmaEsSampler without cmaes), is refused; the others are accepted,
     and so is BruteForceSampler on a space it can draw. The scratch study says nothing and changes no setting."""
@@ -1139,9 +1156,9 @@ def test_the_sampler_draws_the_search_space_twice_before_any_run(settings, quick
 
     verbosity = optuna.logging.get_verbosity()
     for sampler in ("TPESampler", "RandomSampler", "QMCSampler", "GPSampler", "NSGAIISampler"):
-        assert settings.override(quick, f"search.sampler={sampler}", "src").search.sampler == sampler
+        assert config_io.override(quick, f"search.sampler={sampler}", "src").search.sampler == sampler
     with pytest.raises(SystemExit) as stopped:
-        settings.override(quick, "search.sampler=BruteForceSampler", "src")
+        config_io.override(quick, "search.sampler=BruteForceSampler", "src")
     assert str(stopped.value.code).endswith(
         ": search.sampler should be a sampler that can draw this config's hyper-parameters (FloatDistribution.step "
         "must be given for BruteForceSampler (otherwise, the search space will be infinite)), not 'BruteForceSampler'."
@@ -1149,12 +1166,12 @@ def test_the_sampler_draws_the_search_space_twice_before_any_run(settings, quick
     discrete = ["model.dropout=Float(0.0, 0.5, step=0.1)", "training.warmup_lr=Categorical([1e-3, 1e-2])",
                 "training.warmup_weight_decay=Categorical([0.0, 0.1])", "training.finetune_lr=1e-3",
                 "training.finetune_weight_decay=0.0", "search.sampler=BruteForceSampler"]  # fmt: skip
-    assert settings.load(REPO / "step_5/config_quick.py", discrete)[0].search.sampler == "BruteForceSampler"
+    assert config_io.load(REPO / "step_5/config_quick.py", discrete)[0].search.sampler == "BruteForceSampler"
     if importlib.util.find_spec("cmaes") is None:
         with pytest.raises(SystemExit, match=r"search.sampler should be .* \(No module named 'cmaes'\), not 'CmaEs"):
-            settings.override(quick, "search.sampler=CmaEsSampler", "src")
+            config_io.override(quick, "search.sampler=CmaEsSampler", "src")
     else:
-        assert settings.override(quick, "search.sampler=CmaEsSampler", "src").search.sampler == "CmaEsSampler"
+        assert config_io.override(quick, "search.sampler=CmaEsSampler", "src").search.sampler == "CmaEsSampler"
     assert optuna.logging.get_verbosity() == verbosity
     assert capfd.readouterr() == ("", "")
 
@@ -1305,9 +1322,9 @@ def test_a_versions_lineage_is_every_tag_of_its_root_runs_record(tmp_path):
     )  # fmt: skip
     assert tags["config_digest"] == hashlib.sha256(config.encode()).hexdigest()
     assert (float(tags["test_roc_auc"]), float(tags["threshold"])) == (0.8125, 0.4375)
-    described = registry.describe(tags)
+    described = registry.lineage_text(tags)
     assert f"git commit `{commit[:12]}` with uncommitted changes" in described and "SYNTHETIC STAND-IN" in described
-    assert "uncommitted" not in registry.describe({**tags, "git_dirty": "false"})
+    assert "uncommitted" not in registry.lineage_text({**tags, "git_dirty": "false"})
 
 
 def test_from_run_takes_the_experiment_from_the_runs_logged_config_not_from_its_file_as_it_is_now(split_file, tmp_path):

@@ -1,0 +1,1 @@
+"""The machinery beneath this step's lesson: see README.md here."""

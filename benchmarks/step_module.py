@@ -21,11 +21,15 @@ def load_train(step: str) -> ModuleType:
 
 
 def load_module(step: str, name: str) -> ModuleType:
-    """Import <step>/<name>.py beside a step loaded by load_train: its imports of helper modules get that step's,
-    and those that step's support/ lacks (say, step 2's provenance.py, which is on top there) come from <step>'s."""
+    """Import <step>/<name>.py (or <step>/support/<name>.py) beside a step loaded by load_train: its imports of
+    helper modules get that step's, and those that step's support/ lacks (say, step 2's provenance.py, which is on
+    top there) come from <step>'s."""
     if "support" in sys.modules and str(REPO / step / "support") not in sys.modules["support"].__path__:
         sys.modules["support"].__path__.append(str(REPO / step / "support"))
-    spec = importlib.util.spec_from_file_location(f"{step}_{name}", REPO / step / f"{name}.py")
+    path = REPO / step / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(
+        f"{step}_{name}", path if path.exists() else path.parent / "support" / path.name
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

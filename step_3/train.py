@@ -39,7 +39,7 @@ from splits import choose_folds, count_or_all, fold_indices, load_splits
 from support import common, resume, runs
 from support.pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
 from support.provenance import code_digest, log_provenance, pin_code_paths
-from training import choose_precision, seed_everything, train_and_evaluate
+from support.training import choose_precision, seed_everything, train_and_evaluate
 
 
 # ----------------------------------------------------------------------------------------------------------

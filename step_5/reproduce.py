@@ -309,6 +309,18 @@ def original_of(args: argparse.Namespace, experiment: str, seed: int) -> Origina
     return original
 
 
+def split_file_words(original: Original | None) -> tuple[str, str] | None:
+    """For splits.load_splits: a rerun's split file is the original run's, so data that do not fit it are not that
+    run's data, and a new split file would reproduce nothing (None when this is not a rerun)."""
+    if original is None:
+        return None
+    run_id = original.run.info.run_id
+    return f"Run {run_id}'s split file", (
+        f"these are not the images run {run_id} used, and a run can only be reproduced on its own data: put them "
+        "back, or give their folder with --set data.data_dir=DIR"
+    )
+
+
 def folds_to_run(original: Original | None, overrides: list[str], folds: list[tuple[int, int]]) -> list:
     """The folds to run: a rerun reruns every fold the original holds (however many commands added them), unless
     --set cv.… picks folds; a new experiment runs the folds its config picks."""

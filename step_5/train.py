@@ -38,9 +38,10 @@ import torch
 import reproduce
 import settings
 from support import common, config_io, resume, runs, sharing, studies
+from support.config_io import CONFIG_KEYS
 from support.pets import dataset_folder, drop_undecodable, read_annotations, warn_if_standin
 from support.provenance import code_digest, log_provenance, pin_code_paths
-from support.splits import CONFIG_KEYS, choose_folds, fold_indices, load_splits
+from support.splits import choose_folds, fold_indices, load_splits
 from support.training import build_model, choose_precision, fit, make_loaders, seed_everything, train_and_evaluate
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     paths, labels = drop_undecodable(paths, labels, config.data.image_size)
     split_file = Path(config.data.split_file or folder.parent / "dataset_splits.json")
     labels_by_file = {p.relative_to(folder).as_posix(): int(y) for p, y in zip(paths, labels, strict=True)}
-    splits = load_splits(split_file, folder, labels_by_file, original and original.run.info.run_id)
+    splits = load_splits(split_file, folder, labels_by_file, reproduce.split_file_words(original))
     cv = config.cv
     folds = choose_folds(splits, cv.n_root_splits, cv.n_nested_splits, (cv.root_split, cv.nested_split), CONFIG_KEYS)
     folds = reproduce.folds_to_run(original, args.set, folds)  # a rerun: every fold the run holds

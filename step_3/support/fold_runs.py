@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from cv_stats import metrics_at
 from support.provenance import follow_code_paths
-from training import PetImages
+from support.training import PetImages
 
 Fold = tuple[int, int]  # (root split, nested split)
 

@@ -33,11 +33,9 @@ from support.provenance import dataset_digest
 FORMAT_VERSION = 1  # bump when the layout changes; load_splits refuses other versions
 CLASS_NAMES = {0: "dog", 1: "cat"}  # labels as read from the species column (1 = cat, the positive class)
 REMAKE = f"regenerate it with python {STEP_DIR.name}/make_dataset_splits.py"  # for a bad file
-# How the folds to run are named to the user: by command-line flag (steps 3 and 4) or by config key (step 5)
+# How the folds to run are named to the user: by their command-line flags (choose_folds takes other names)
 FLAGS = {"root": "--root-split", "nested": "--nested-split", "n_root": "--n-root-splits",
          "n_nested": "--n-nested-splits", "all": "'all'"}  # fmt: skip
-CONFIG_KEYS = {"root": "cv.root_split", "nested": "cv.nested_split", "n_root": "cv.n_root_splits",
-               "n_nested": "cv.n_nested_splits", "all": "None"}  # fmt: skip
 
 
 def make_splits(
@@ -199,20 +197,14 @@ def check_structure(splits: object, labels: np.ndarray, name: str) -> None:
     check_stratified(splits, np.asarray(labels), name)
 
 
-def load_splits(path: Path, folder: Path, labels: dict[str, int], rerun: str | None = None) -> dict:
+def load_splits(path: Path, folder: Path, labels: dict[str, int], told: tuple[str, str] | None = None) -> dict:
     """Read and validate a split file against the data in `folder`; index arrays per fold, ready to use.
 
-    `labels` maps every listed, decodable image (relative name, as in the file's `files`) to its label. `rerun`: the
-    id of the run being reproduced, whose logged split file `path` is: data that does not match it is not that
-    run's data, and a new split file would reproduce nothing.
+    `labels` maps every listed, decodable image (relative name, as in the file's `files`) to its label. `told`: how
+    a message names the file and what it says to do when the data do not fit it; by default the file's path, and to
+    regenerate the file.
     """
-    name, remedy = str(path), REMAKE
-    if rerun is not None:
-        name = f"Run {rerun}'s split file"
-        remedy = (
-            f"these are not the images run {rerun} used, and a run can only be reproduced on its own data: put them "
-            "back, or give their folder with --set data.data_dir=DIR"
-        )
+    name, remedy = told or (str(path), REMAKE)
     if not path.is_file():
         raise SystemExit(
             f"No split file at {path}: make it with `python {STEP_DIR.name}/"

@@ -24,6 +24,9 @@ from support.config_checks import check, check_setting, hints_of, matches, refus
 from support.photo_model import PREPROCESSING
 
 SUGGEST = {"suggest_categorical": Categorical, "suggest_float": Float, "suggest_int": Int}  # their JSON names
+# How the folds to run are named to the user (splits.choose_folds): by their keys in the config's cv section
+CONFIG_KEYS = {"root": "cv.root_split", "nested": "cv.nested_split", "n_root": "cv.n_root_splits",
+               "n_nested": "cv.n_nested_splits", "all": "None"}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------

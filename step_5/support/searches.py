@@ -1,9 +1,9 @@
 """What the folds' searches found, byte-identical in steps 4 and 5: the hyper-parameters every fold chose side by
 side (a stable method picks similar values in every fold), and each fold's Optuna study as figures.
 
-Step 4 declares its search space in train.py's SEARCH_SPACE (a list is a choice, a pair a range, learning rates
-and weight decays on a log scale); step 5 in its config, where each hyper-parameter says how it is searched.
-Both are logged as `search/search_setup.json` on the root run, which is what is read here.
+However a step declares its search space (step 4 in train.py's SEARCH_SPACE: a list is a choice, a pair a range,
+learning rates and weight decays on a log scale), it is logged as `search/search_setup.json` on the root run, which
+is what is read here.
 """
 
 from __future__ import annotations

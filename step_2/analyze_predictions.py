@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -92,7 +93,8 @@ def recheck_model(run_id: str, params: dict[str, str], tags: dict[str, str], tes
         return f"skipped: the test images are not in {folder} (run this where train.py ran)", float("nan")
     torch.set_num_threads(int(params["num_threads"]))  # another thread count adds floats in another order
     unlike = follow_code_paths(tags)  # before this process's first computation: the run's MKL, oneDNN, ATen paths
-    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    with tempfile.TemporaryDirectory() as downloaded:  # else MLflow downloads into a temporary folder it leaves behind
+        model = mlflow.pytorch.load_model(f"runs:/{run_id}/model", dst_path=downloaded)
     images, size = [pets.model_input(path, int(params["image_size"])) for path in paths], int(params["batch_size"])
     batches = [torch.stack(images[i : i + size]) for i in range(0, len(images), size)]  # as train.py's loader
     scores = np.concatenate([torch.sigmoid(model(x)).reshape(-1).numpy() for x in batches])

@@ -50,7 +50,8 @@ def load_model(client: mlflow.MlflowClient, run_id: str) -> torch.nn.Module:
     """The MLflow model logged on a run, loaded as a user would (`runs:/<run id>/model`)."""
     mlflow.set_tracking_uri(client.tracking_uri)  # also sets MLFLOW_TRACKING_URI, which subprocesses inherit ...
     try:
-        return mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+        with tempfile.TemporaryDirectory() as downloaded:  # not left behind in the temporary folder
+            return mlflow.pytorch.load_model(f"runs:/{run_id}/model", dst_path=downloaded)
     finally:
         mlflow.set_tracking_uri(None)  # ... so unset both: the next script must log to its own working directory
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -160,7 +161,8 @@ def recheck_model(run_id: str, params: dict[str, str], tags: dict[str, str], tes
         return f"skipped: the test images are not in {folder} (run this where train.py ran)", float("nan")
     torch.set_num_threads(int(params["num_threads"]))  # another thread count adds floats in another order
     unlike = follow_code_paths(tags)  # before this process's first computation: the run's MKL, oneDNN, ATen paths
-    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    with tempfile.TemporaryDirectory() as downloaded:  # else MLflow downloads into a temporary folder it leaves behind
+        model = mlflow.pytorch.load_model(f"runs:/{run_id}/model", dst_path=downloaded)
     images = PetImages(paths, test["label"].to_numpy(), int(params["image_size"]), augment=False, seed=0)
     batches = DataLoader(images, batch_size=int(params["batch_size"]))  # the batches training.predict used
     # not training.predict itself: a model loaded from its torch.export form refuses eval() (it is always in eval mode)

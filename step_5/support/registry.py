@@ -247,10 +247,12 @@ def load(client: mlflow.MlflowClient, uri: str, device: torch.device) -> tuple[o
         config = photo_config(*runs_of_refit(client, info.run_id))
         model = photo_model.PetPhotos()
         photo_model.use_code_paths(config)  # before the first computation, as load_context does
-        model.setup(mlflow.pytorch.load_model(uri), config, device)
+        with tempfile.TemporaryDirectory() as downloaded:  # else MLflow downloads into a folder it leaves behind
+            model.setup(mlflow.pytorch.load_model(uri, dst_path=downloaded), config, device)
         predict = lambda frame: model.predict(None, frame)  # noqa: E731
     elif info.signature is not None and info.signature.inputs == SIGNATURE.inputs:
-        loaded = mlflow.pyfunc.load_model(uri, model_config={"device": str(device)})
+        with tempfile.TemporaryDirectory() as downloaded:  # loading reads it all: its code, the refit's model
+            loaded = mlflow.pyfunc.load_model(uri, model_config={"device": str(device)}, dst_path=downloaded)
         config, predict = loaded.model_config, loaded.predict
     else:
         raise SystemExit(f"{uri} is not a model of step 5 (it takes no image files): check --model.")

@@ -140,7 +140,8 @@ def run_fold(
                 print(f"fold {fold[0]}/{fold[1]}: search complete, refitted by another process")
                 return
             with studies.refit_run(best) as refit:  # the best trial's values, from the state every trial started from
-                refit_config = config_io.resolved(config, settings.taken_from(best.params))  # each at its chosen value
+                refit_config = settings.resolve(config, settings.taken_from(best.params))  # each at its chosen value
+                mlflow.log_text(config_io.dumps(refit_config), "config/resolved_config.json")
                 seed_everything(args.seed, args.deterministic, args.num_threads)
                 chosen = settings.as_settings(refit_config)
                 results = train_and_evaluate(splits["files"], splits["labels"], parts, chosen, args, device)

@@ -185,7 +185,7 @@ def claim_root(client: mlflow.MlflowClient, experiment_id: str, key: str) -> boo
     given name is atomic in every tracking store, so of workers that start together exactly one creates
     `claim-root-<experiment id>-<key>`; it is deleted at once, so the UI does not list it, and its name stays taken."""
     try:
-        claim = client.create_experiment(f"claim-root-{experiment_id}-{key}", tags=owner_tags())
+        claim = client.create_experiment(f"claim-root-{experiment_id}-{key}")
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -9,7 +9,7 @@ import json
 import os
 import runpy
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any
 import mlflow
 
 import settings
-from settings import Categorical, Config, Float, Hyperparameter, Int, resolve, search_space
+from settings import Categorical, Config, Float, Hyperparameter, Int, search_space
 from support import studies
 from support.config_checks import check, check_setting, hints_of, matches, refuse
 from support.photo_model import PREPROCESSING
@@ -199,13 +199,6 @@ def build(cls: type, data: Any, source: str, path: str) -> Any:
 def dumps(config: Config) -> str:
     """The config as indented JSON (how it is logged)."""
     return json.dumps(to_json(config), indent=2)
-
-
-def resolved(config: Config, choose: Callable[[str, Hyperparameter], Any]) -> Config:
-    """settings.resolve(config, choose), logged on the active run as config/resolved_config.json: every value used."""
-    resolved_config = resolve(config, choose)
-    mlflow.log_text(dumps(resolved_config), "config/resolved_config.json")
-    return resolved_config
 
 
 def flat_settings(config: Config) -> dict[str, Any]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
+import subprocess
 import sys
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +47,37 @@ def test_the_lock_matches_this_environment():
         assert version(package) == lock[package], f"installed {package} {version(package)} != lock {lock[package]}"
 
 
-def test_conda_environment_installs_the_lock_with_python_3_11():
+SUPPORTED = ("3.11", "3.12", "3.13")
+
+
+def test_every_place_names_the_same_supported_pythons():
+    """setup_env.sh picks among them, conda's range admits exactly them, the lock says it was checked on them, and
+    the README's prerequisites name them."""
+    assert f'supported="{" ".join(SUPPORTED)}"' in (REPO / "scripts/setup_env.sh").read_text()
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     assert env["name"] == "reproai"
-    assert "python=3.11" in env["dependencies"]
+    assert "python>=3.11,<3.14" in env["dependencies"]
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert pip_section == ["-r requirements.lock"]
-    assert "Python 3.11" in (REPO / "requirements.lock").read_text().splitlines()[0]
+    assert f"(Python {', '.join(SUPPORTED)}, Linux" in (REPO / "requirements.lock").read_text().splitlines()[0]
+    assert "**Python 3.11, 3.12 or 3.13**" in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("version", ["3.10", "3.14"])
+def test_a_python_outside_the_range_is_refused_in_one_sentence(version, tmp_path):
+    """PYTHON= naming a Python the lock was not checked on: one sentence naming the versions and how to get one,
+    and no .venv made."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts/setup_env.sh", tmp_path / "scripts")
+    shutil.copy(REPO / "requirements.lock", tmp_path)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\necho {version}\n")  # answers as setup_env.sh asks a Python for its version
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python)}
+    done = subprocess.run(["bash", "scripts/setup_env.sh"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and not (tmp_path / ".venv").exists()
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"is {version}: reproai needs Python 3.11, 3.12 or 3.13" in done.stderr and "PYTHON=" in done.stderr
 
 
 def test_scripts_import_only_pinned_packages():

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from conftest import REPO, load_step_module, mlflow_server, run_script
+from conftest import REPO, SIDE_BY_SIDE, load_step_module, mlflow_server, run_script
 from optuna.trial import TrialState
 
 ADMIN_URL = os.environ.get("REPROAI_POSTGRES_URL", "postgresql://reproai:reproai@127.0.0.1:5432/postgres")
@@ -61,7 +61,7 @@ def server(postgres, tmp_path_factory):
 
 def worker(args: list[str], cwd: Path, tracking_uri: str, script: str = "step_4/train.py") -> subprocess.Popen:
     """One worker process, as the guide starts it."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **SIDE_BY_SIDE, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -189,7 +189,7 @@ def test_workers_that_start_at_the_same_moment_make_one_study_one_experiment_one
     script = tmp_path / "race.py"
     script.write_text(textwrap.dedent(RACE.format(step=str(REPO / "step_4"))))
     start = f"{time.time() + 15:.3f}"  # after every process has imported torch, optuna and mlflow
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server}
+    env = {**os.environ, **SIDE_BY_SIDE, "MLFLOW_TRACKING_URI": server}
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), storage, start],

@@ -17,6 +17,7 @@ import optuna
 import pytest
 from conftest import (
     REPO,
+    SIDE_BY_SIDE,
     client_in,
     command_from_record,
     load_step_module,
@@ -240,7 +241,7 @@ def workers_at_once(args: list[str], cwd: Path, n: int = 2) -> list[str]:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**env, "PYTHONUNBUFFERED": "1"},
+            env={**env, **SIDE_BY_SIDE, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         for _ in range(n)
     ]

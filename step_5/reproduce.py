@@ -150,6 +150,8 @@ def already_reproduced(original: Original | None, experiment_id: str, key: str, 
 
 
 CODE_PATH_TAGS = ("env.cpu_", "env.mkl", "env.onednn", "env.code_paths", "env.var.")  # what decides the CPU's bits
+WAIT_TAGS = ("env.var.OMP_WAIT_POLICY", "env.var.GOMP_SPINCOUNT")  # how idle threads wait: the same bits either way
+WAITING = "how idle threads wait differs, which changes no bit (benchmarks/shared_cores.py): "
 
 
 def environment_differences(original: Original, code_dir: Path, device: torch.device) -> list[str]:
@@ -167,7 +169,7 @@ def environment_differences(original: Original, code_dir: Path, device: torch.de
         variables = dict.fromkeys((key for key in (*tags, *now) if key.startswith("env.var.")), "unset")
         now, tags = {**variables, **now}, {**variables, **tags}
     differences = [
-        ("the CPU's code path differs: " if key.startswith(CODE_PATH_TAGS) else "")
+        (WAITING if key in WAIT_TAGS else "the CPU's code path differs: " if key.startswith(CODE_PATH_TAGS) else "")
         + f"{key.removeprefix('env.var.')}: {tags[key]} then, {value} now"
         for key, value in now.items()
         if key in tags and tags[key] != value
@@ -214,6 +216,7 @@ def cause_of(differences: list[str], overrides: list[str]) -> str:
     paths = [d.removeprefix("the CPU's code path differs: ") for d in differences if d.startswith("the CPU's code")]
     if paths:
         return f"the CPU's code path differs ({'; '.join(paths)})"
+    differences = [d for d in differences if not d.startswith(WAITING)]
     if differences or overrides:
         return "not as in the original: " + "; ".join(differences + [f"--set {' '.join(overrides)}"] * bool(overrides))
     return (

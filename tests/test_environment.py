@@ -98,3 +98,25 @@ def test_scripts_import_only_pinned_packages():
         for module in sorted(modules - set(sys.stdlib_module_names) - local):
             dists = {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(module, [])}
             assert dists & pinned, f"{script.relative_to(REPO)} imports {module}, which requirements.txt does not pin"
+
+
+def test_check_python_refuses_a_version_or_an_interpreter_it_cannot_check_before_cloning(tmp_path):
+    """scripts/check_python.sh: a version outside the range, or PYTHON= naming another version, is one sentence,
+    before anything is cloned or installed."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\necho 3.12\n")
+    python.chmod(0o755)
+    cases = {
+        ("3.10", None): "reproai supports Python 3.11, 3.12 and 3.13, not 3.10.",
+        ("3.13", python): f"PYTHON={python} is 3.12, not Python 3.13.",
+    }
+    for (version, interpreter), said in cases.items():
+        env = {**os.environ, "KEEP": str(tmp_path / "clone")}
+        env.pop("PYTHON", None)
+        if interpreter:
+            env["PYTHON"] = str(interpreter)
+        done = subprocess.run(
+            ["bash", "scripts/check_python.sh", version], cwd=REPO, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 1 and done.stderr == said + "\n", done.stderr
+        assert not (tmp_path / "clone").exists()

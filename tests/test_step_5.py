@@ -614,6 +614,7 @@ def test_a_rerun_is_new_whenever_code_packages_hardware_threads_seed_or_config_c
         "one more installed package": ([], lambda: monkeypatch.setattr(  # torch and the others as they were
             train.reproduce, "installed_distributions", lambda: real_distributions() + "somepkg==1.0\n")),
         "a code path's variable": ([], lambda: monkeypatch.setenv("MKL_CBWR", "AUTO")),  # exported by the user
+        "the wait policy": ([], lambda: monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")),  # workers side by side
         "nothing, but --fresh-rerun": (["--fresh-rerun"], None),
     }  # fmt: skip
     warnings = {}
@@ -622,6 +623,7 @@ def test_a_rerun_is_new_whenever_code_packages_hardware_threads_seed_or_config_c
         monkeypatch.setattr(train.reproduce, "environment", real_environment)
         monkeypatch.setattr(train.reproduce, "installed_distributions", real_distributions)
         monkeypatch.setenv("MKL_CBWR", QUICK_CODE_PATHS["MKL_CBWR"])
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
         if change:
             change()
         main_in_process(train, [*rerun, *flags], tmp_path, monkeypatch)
@@ -632,6 +634,10 @@ def test_a_rerun_is_new_whenever_code_packages_hardware_threads_seed_or_config_c
     assert "WARNING MKL_CBWR=AUTO set in the environment, and kept" in said, said
     assert "not as in run" in said and "the CPU's code path differs: MKL_CBWR: COMPATIBLE then, AUTO now" in said
     assert "code path" not in warnings["nothing, but --fresh-rerun"]
+    said = warnings["the wait policy"]  # recorded and named, but not as a code path: it changes no bit
+    assert "how idle threads wait differs, which changes no bit" in said
+    assert "OMP_WAIT_POLICY: unset then, PASSIVE now" in said
+    assert "code path differs" not in said, said
     assert "installed packages: 1 differ (somepkg)" in warnings["one more installed package"]
     assert "installed packages" not in warnings["nothing, but --fresh-rerun"]
 
@@ -645,6 +651,9 @@ def test_a_verdicts_cause_is_the_code_path_or_what_else_differs_or_nothing_on_re
     assert reproduce.cause_of(["code_digest: a then, b now"], []).startswith("not as in the original: code_digest")
     assert "--set training.batch_size=16" in reproduce.cause_of([], ["training.batch_size=16"])
     assert reproduce.cause_of([], []).startswith("nothing in the record explains it")
+    wait = reproduce.WAITING + "OMP_WAIT_POLICY: unset then, PASSIVE now"  # recorded, but it explains no difference
+    assert reproduce.cause_of([wait], []).startswith("nothing in the record explains it")
+    assert reproduce.cause_of([wait, path], []).startswith("the CPU's code path differs (env.cpu_capability")
 
 
 def test_the_same_rerun_again_says_it_was_reproduced_and_trains_nothing(experiment):

@@ -37,6 +37,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from step_module import load_module
+
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ("default", "passive", "divided")
 
@@ -69,7 +71,7 @@ def run_copies(setting: str, copies: int, data_dir: Path, seed: int, work: Path)
             env=copy_environment(setting),
             stdout=(folder / "train.log").open("w"),
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
         for folder in folders
     ]
     ended = {}
@@ -103,10 +105,8 @@ def result_of(folder: Path) -> tuple[str, str]:
 
 
 def machine() -> str:
-    facts = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        key, _, value = line.partition(":")
-        facts.setdefault(key.strip(), value.strip())
+    """The CPU (brand, family, model: step 2's provenance reads them), the cores and Python."""
+    facts = load_module("step_2", "provenance").cpu_facts()
     cpu = ", ".join(f"{k} {facts[k]}" for k in ("model name", "cpu family", "model") if k in facts) or "unknown CPU"
     return f"{cpu}; {os.cpu_count()} cores; Python {sys.version.split()[0]}"
 

@@ -25,7 +25,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SIDE_BY_SIDE = {"OMP_WAIT_POLICY": "PASSIVE"}
 """For processes a test starts at the same moment: their idle OpenMP threads sleep instead of spinning on the cores
-the others need (docs/scaling_out.md, "Several workers on one machine"; the same bits)."""
+the others need (docs/scaling_out.md, section 7; the same bits)."""
 # The steps pin the CPU's code paths before their first computation (provenance.pin_code_paths: with --quick, the
 # portable ones); MKL, oneDNN and torch read the variables once, at their first call. Tests that run a step's main()
 # in this process run --quick, so this process takes the portable paths before anything imports torch, whatever
